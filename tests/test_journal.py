@@ -1,0 +1,59 @@
+import json
+
+import pytest
+import yaml
+
+from shl import journal
+from shl.params import ParamError, load_params
+
+
+def test_run_dir_gets_params_yaml_that_recreates_the_params(tmp_path):
+    p = load_params("tiny", lam=0.3)
+    journal.prepare_run_dir(tmp_path / "run", p)
+    saved = yaml.safe_load((tmp_path / "run" / "params.yaml").read_text())
+    assert load_params(str(tmp_path / "run" / "params.yaml")) == p and saved["lam"] == 0.3
+
+
+def test_existing_run_dir_with_other_params_is_refused_showing_the_keys(tmp_path):
+    journal.prepare_run_dir(tmp_path, load_params("tiny"))
+    journal.prepare_run_dir(tmp_path, load_params("tiny"))  # same params: fine (resume)
+    with pytest.raises(ParamError, match=r"lam: 1.0 there, 0.3 now"):
+        journal.prepare_run_dir(tmp_path, load_params("tiny", lam=0.3))
+
+
+def test_default_run_dir_names_notebook_model_and_overrides():
+    p = load_params("default", lam=0.3)
+    path = journal.default_run_dir("04_loop", p, {"lam": 0.3})
+    assert path.parent == journal.JOURNAL
+    assert path.name.endswith("_04_loop_smollm2-135m-instruct_lam0.3")
+
+
+def test_metrics_lines_append_and_a_crash_mid_write_keeps_earlier_lines(tmp_path, monkeypatch):
+    journal.append_metrics(tmp_path, {"stage": "base", "round": -1, "coherence": 0.5})
+    journal.append_metrics(tmp_path, {"stage": "steered", "round": 0})
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(journal.os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        journal.append_metrics(tmp_path, {"stage": "healed", "round": 0})
+    assert [r["stage"] for r in journal.read_metrics(tmp_path)] == ["base", "steered"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no temp file left
+
+
+def test_a_metrics_line_needs_a_stage(tmp_path):
+    with pytest.raises(ValueError, match="stage"):
+        journal.append_metrics(tmp_path, {"round": 0})
+
+
+def test_log_eval_writes_the_contract_keys_and_the_rows(tmp_path, tiny):
+    from shl import mfv
+    res = mfv.evaluate(*tiny, n=7, progress=False)
+    journal.log_eval(tmp_path, res, "base")
+    (line,) = journal.read_metrics(tmp_path)
+    for key in ("stage", "round", "coherence", "top1_acc", "ppx_json", "seconds", "care_nats", "fairness_nats",
+                "loyalty_nats", "authority_nats", "sanctity_nats", "liberty_nats", "socialnorms_nats"):
+        assert key in line, key
+    rows = [json.loads(x) for x in (tmp_path / "evals" / "base_r-1.jsonl").read_text().splitlines()]
+    assert len(rows) == 7 and "pmass" in rows[0]

@@ -1,0 +1,150 @@
+import numpy as np
+import pytest
+import torch
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig, Qwen3Config, Qwen3ForCausalLM
+
+from shl import mfv
+from shl.models import chat_prompt
+from shl.params import FOUNDATIONS
+
+
+def _prompts(tok, n, presented=mfv.OPTIONS, system=None):
+    return [chat_prompt(tok, mfv.user_message(v["text"], presented), system, prefill=mfv.PREFILL)
+            for v in mfv.load_vignettes(n)]
+
+
+def test_ships_the_132_clifford_vignettes_with_citation():
+    from importlib import resources
+    rows = mfv.load_vignettes()
+    assert len(rows) == 132 and len({r["id"] for r in rows}) == 132
+    assert {r["foundation_coarse"] for r in rows} == set(mfv.COARSE)
+    assert "10.3758/s13428-014-0551-2" in resources.files("shl").joinpath("data/mfv_NOTICE.md").read_text()
+
+
+def test_subset_by_count_spreads_over_foundations():
+    rows = mfv.load_vignettes(14)
+    assert len(rows) == 14
+    assert all(sum(r["foundation_coarse"] == f for r in rows) == 2 for f in mfv.COARSE)
+
+
+def test_p_sums_to_one_and_pmass_is_a_probability(tiny):
+    model, tok = tiny
+    res = mfv.evaluate(model, tok, n=14, batch_size=5, progress=False)
+    table = res.table()
+    np.testing.assert_allclose(table[[f"p_{f}" for f in FOUNDATIONS]].sum(axis=1), 1.0, atol=1e-9)
+    assert ((table.pmass > 0) & (table.pmass <= 1)).all()
+    for key in ("coherence", "top1_acc", "ppx_json", "seconds", *(f"{f}_nats" for f in FOUNDATIONS)):
+        assert np.isfinite(res.summary[key]), key
+    assert res.record("base")["round"] == -1 and res.record("base")["stage"] == "base"
+    assert sum(res.human_profile.values()) == pytest.approx(1.0)
+
+
+def test_forward_reversed_mean_cancels_a_planted_position_bias(tiny):
+    _, tok = tiny
+    rng = np.random.default_rng(0)
+    n = 21
+    true = np.log(rng.dirichlet(np.ones(7), size=n)) - 1.0  # [N, 7] in FOUNDATIONS order
+
+    def biased(bias):
+        def scorer(prompts, presented):
+            canon = np.array([mfv.OPTIONS.index(o) for o in presented])
+            return true[:, canon] + bias * np.arange(7), np.zeros(len(prompts))  # slot j gets +bias*j
+        return scorer
+
+    clean = mfv.evaluate(None, tok, n=n, progress=False, scorer=biased(0.0))
+    planted = mfv.evaluate(None, tok, n=n, progress=False, scorer=biased(1.5))
+    np.testing.assert_allclose(planted.table()[[f"p_{f}" for f in FOUNDATIONS]],
+                               clean.table()[[f"p_{f}" for f in FOUNDATIONS]], atol=1e-12)
+    # one order alone would carry the bias: the averaging is what removes it
+    single = mfv.aggregate(mfv.load_vignettes(n), *[biased(1.5)([None] * n, mfv.OPTIONS)[0]] * 2, np.zeros(n), np.zeros(n))
+    assert np.abs(single.table()["p_socialnorms"] - clean.table()["p_socialnorms"]).max() > 0.1
+
+
+def test_full_option_readout_equals_first_token_when_every_option_is_one_token(tiny):
+    model, tok = tiny
+    words = ["care", "social", "the", "and", "good", "bad", "yes"]
+    assert all(len(tok(w, add_special_tokens=False).input_ids) == 1 for w in words)
+    prompts = _prompts(tok, 7)
+    full, _ = mfv.model_scorer(model, tok, prompts, words, close="", readout="full")
+    first, _ = mfv.model_scorer(model, tok, prompts, words, close="", readout="first_token")
+    np.testing.assert_allclose(full, first, atol=1e-6)
+    # with the closing quote the full readout is lower: it also pays for ending the word
+    quoted, _ = mfv.model_scorer(model, tok, prompts, words, readout="full")
+    assert (quoted < first).all()
+
+
+def test_multi_token_options_are_read_in_full(tiny):
+    model, tok = tiny
+    assert len(tok("authority", add_special_tokens=False).input_ids) > 1
+    prompts = _prompts(tok, 7)
+    full, _ = mfv.model_scorer(model, tok, prompts, mfv.OPTIONS, close="")
+    first, _ = mfv.model_scorer(model, tok, prompts, mfv.OPTIONS, close="", readout="first_token")
+    multi = [j for j, o in enumerate(mfv.OPTIONS) if len(tok(o, add_special_tokens=False).input_ids) > 1]
+    assert (full[:, multi] < first[:, multi] - 1e-3).all()
+
+
+def test_closing_mass_counts_every_token_that_starts_with_the_quote(tiny):
+    _, tok = tiny
+    ids = mfv.close_ids(tok, '"')
+    texts = tok.batch_decode([[i] for i in ids])
+    assert all(t.startswith('"') for t in texts) and '"' in texts and '"}' in texts
+
+
+def _tiny_arch(kind, vocab):
+    torch.manual_seed(0)
+    if kind == "qwen3":
+        cfg = Qwen3Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048)
+        return Qwen3ForCausalLM(cfg).eval()
+    cfg = Gemma3TextConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=512,
+                           max_position_embeddings=2048, layer_types=["sliding_attention", "full_attention"])
+    return Gemma3ForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
+def test_batched_prefix_cached_scoring_matches_the_naive_reference(tiny, arch):
+    model, tok = tiny
+    if arch != "llama":
+        model = _tiny_arch(arch, len(tok))
+    for presented in (mfv.OPTIONS, mfv.OPTIONS[::-1]):
+        prompts = _prompts(tok, 9, presented, system="Stick to principle.")
+        fast, fast_nll = mfv.model_scorer(model, tok, prompts, presented, batch_size=4)
+        slow, slow_nll = mfv.naive_scorer(model, tok, prompts, presented)
+        np.testing.assert_allclose(fast, slow, atol=1e-4)
+        np.testing.assert_allclose(fast_nll, slow_nll, atol=1e-4)
+
+
+def test_thinking_mode_interrupts_with_just_answer_and_prefill(tiny):
+    model, tok = tiny
+    seen = []
+
+    def scorer(prompts, presented):
+        seen.extend(prompts)
+        return np.zeros((len(prompts), 7)), np.zeros(len(prompts))
+
+    mfv.evaluate(model, tok, n=2, think_tokens=5, progress=False, scorer=scorer)
+    p = seen[0]
+    assert p.endswith("<|im_start|>user\nJust answer.<|im_end|>\n<|im_start|>assistant\n" + mfv.PREFILL)
+    assert p.count("<|im_start|>assistant") == 2  # the thinking turn, then the answer turn
+
+
+def test_parse_answer_accepts_only_allowed_json_values():
+    assert mfv.parse_answer('Sure: {"violation": "care"} done') == "care"
+    assert mfv.parse_answer('{"violation": "kindness"}') is None
+    assert mfv.parse_answer("care") is None
+    assert mfv.parse_answer('{"violation": "social"') is None
+
+
+def test_json_valid_mode_reports_a_fraction(tiny):
+    model, tok = tiny
+    res = mfv.evaluate(model, tok, n=3, json_valid=True, json_tokens=4, progress=False)
+    assert 0.0 <= res.summary["json_is_valid"] <= 1.0
+
+
+@pytest.mark.slow
+def test_embedded_model_puts_real_mass_on_valid_answers(tiny, embedded):
+    real = mfv.evaluate(*embedded, n=14, progress=False)
+    rand = mfv.evaluate(*tiny, n=14, progress=False)
+    assert real.summary["coherence"] > 0.1
+    assert real.summary["coherence"] > 1000 * rand.summary["coherence"]

@@ -1,0 +1,63 @@
+"""The notebooks: jupytext pairs in sync, output-free templates, and they run under papermill."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jupytext
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+def test_there_are_notebooks_and_each_has_its_py_pair():
+    assert NOTEBOOKS
+    for nb in NOTEBOOKS:
+        assert nb.with_suffix(".py").exists(), nb
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_py_and_ipynb_pair_are_in_sync(nb):
+    rendered = jupytext.writes(jupytext.read(nb), fmt="py:percent")
+    assert rendered == nb.with_suffix(".py").read_text(), f"run `jupytext --sync {nb.with_suffix('.py')}`"
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_templates_carry_no_outputs_and_one_parameters_cell(nb):
+    book = nbformat.read(nb, as_version=4)
+    code = [c for c in book.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code)
+    tagged = [c for c in code if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1 and "params =" in tagged[0].source and "run_dir =" in tagged[0].source
+    assert book.metadata.kernelspec.name == "shl"
+
+
+def _run(args, **kw):
+    return subprocess.run([sys.executable, "-m", "shl.run", *args], cwd=ROOT, capture_output=True, text=True, **kw)
+
+
+def test_01_vector_runs_under_papermill_on_tiny_and_leaves_the_contract_files(tmp_path):
+    run = tmp_path / "run"
+    out = _run(["notebooks/01_vector.ipynb", "--params", "tiny", "--run-dir", str(run)], timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for name in ("params.yaml", "metrics.jsonl", "01_vector.ipynb", "profile_base.png"):
+        assert (run / name).exists(), name
+    stages = [json.loads(line)["stage"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert "base" in stages
+
+
+def test_a_mistyped_parameter_stops_before_any_model_loads(tmp_path):
+    out = _run(["notebooks/01_vector.ipynb", "--params", "tiny", "--run-dir", str(tmp_path / "r"), "-p", "lamb", "0.3"])
+    assert out.returncode != 0
+    assert "unknown parameter 'lamb' (did you mean lam?)" in out.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_plain_papermill_refuses_an_undeclared_parameter_inside_the_notebook(tmp_path):
+    import papermill as pm
+    with pytest.raises(pm.PapermillExecutionError, match="unknown parameter 'epoch'"):
+        pm.execute_notebook(str(ROOT / "notebooks/01_vector.ipynb"), str(tmp_path / "out.ipynb"),
+                            parameters={"params": "tiny", "run_dir": str(tmp_path / "r"), "epoch": 3},
+                            kernel_name="shl", progress_bar=False)

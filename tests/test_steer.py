@@ -1,0 +1,130 @@
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from shl import steer
+from shl.models import chat_prompt
+from shl.steer import Vector
+
+
+def _random_vector(model, layers, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return Vector({l: scale * torch.randn(model.config.hidden_size, generator=g) for l in layers})
+
+
+def _ids(tok, text="Tell me about the sea."):
+    return tok(chat_prompt(tok, text), return_tensors="pt", add_special_tokens=False).input_ids
+
+
+def test_hook_adds_exactly_coeff_times_v_at_the_chosen_layer(tiny):
+    model, tok = tiny
+    ids = _ids(tok)
+    vec = _random_vector(model, [0])
+    with steer.capture(model, [0, 1]) as plain:
+        model(ids)
+    plain = dict(plain)
+    with steer.steer(model, vec, 0.7), steer.capture(model, [0, 1]) as steered:
+        model(ids)
+    torch.testing.assert_close(steered[0] - plain[0], (0.7 * vec.layers[0]).expand_as(plain[0]), atol=1e-5, rtol=0)
+    assert not torch.allclose(steered[1], plain[1])  # the later layer sees the change
+
+
+def test_outputs_are_bit_identical_after_exit_even_after_an_exception(tiny):
+    model, tok = tiny
+    ids = _ids(tok)
+    with torch.no_grad():
+        before = model(ids).logits
+        with pytest.raises(RuntimeError, match="boom"):
+            with steer.steer(model, _random_vector(model, [0, 1]), 3.0):
+                assert not torch.equal(model(ids).logits, before)
+                raise RuntimeError("boom")
+        assert torch.equal(model(ids).logits, before)
+    assert all(not layer._forward_hooks for layer in steer.decoder_layers(model))
+
+
+def test_extraction_reads_the_last_prompt_token_under_left_padding(tiny):
+    model, tok = tiny
+    prompts = [chat_prompt(tok, x, "Be brief.") for x in ["Hi", "What is the tallest mountain in Africa, and how tall is it?", "Plan a picnic"]]
+    batched = steer.last_token_states(model, tok, prompts, [0, 1], batch_size=3, progress=False)
+    for i, p in enumerate(prompts):
+        single = steer.last_token_states(model, tok, [p], [0, 1], batch_size=1, progress=False)
+        for l in (0, 1):
+            torch.testing.assert_close(batched[l][i], single[l][0], atol=1e-5, rtol=1e-5)
+
+
+def test_extract_is_the_mean_difference_of_pos_and_neg_states(tiny):
+    model, tok = tiny
+    contexts = ["Hi", "Plan a picnic", "Fix my bike chain"]
+    vec = steer.extract(model, tok, "You are cheerful.", "You are gloomy.", contexts, [1], progress=False)
+    h_pos = steer.last_token_states(model, tok, [chat_prompt(tok, x, "You are cheerful.") for x in contexts], [1], progress=False)
+    h_neg = steer.last_token_states(model, tok, [chat_prompt(tok, x, "You are gloomy.") for x in contexts], [1], progress=False)
+    torch.testing.assert_close(vec.layers[1], (h_pos[1] - h_neg[1]).mean(0))
+
+
+def test_steering_is_active_during_cached_generation(tiny):
+    model, tok = tiny
+    ids = _ids(tok)
+    gen = dict(max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    plain = model.generate(ids, **gen)
+    with steer.steer(model, _random_vector(model, [0, 1]), 8.0):
+        steered = model.generate(ids, **gen)
+    assert not torch.equal(plain[0, ids.shape[1]:], steered[0, ids.shape[1]:])
+    assert torch.equal(model.generate(ids, **gen), plain)
+
+
+def test_works_on_a_peft_wrapped_model_and_in_bf16(tiny):
+    model, tok = tiny
+    import copy
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["q_proj"]))
+    assert steer.decoder_layers(peft_model) is not None and len(steer.decoder_layers(peft_model)) == 2
+    ids = _ids(tok)
+    vec = _random_vector(model, [1])
+    for m in (peft_model, copy.deepcopy(model).to(torch.bfloat16)):
+        with steer.capture(m, [1]) as plain:
+            m(ids)
+        plain = dict(plain)
+        with steer.steer(m, vec, 0.5), steer.capture(m, [1]) as steered:
+            m(ids)
+        expected = (0.5 * vec.layers[1]).to(plain[1].dtype).expand_as(plain[1])
+        torch.testing.assert_close(steered[1] - plain[1], expected, atol=0.05 if plain[1].dtype == torch.bfloat16 else 1e-5, rtol=0)
+
+
+def test_band_layers_maps_fractions_of_depth():
+    assert steer.band_layers(30, [0.5, 0.7]) == list(range(15, 21))
+    assert steer.band_layers(2, [0.0, 1.0]) == [0, 1]
+    assert steer.band_layers(30, [0.99, 1.0]) == [29]
+
+
+def test_cosine_per_layer_and_flat():
+    a = Vector({0: torch.tensor([1.0, 0.0]), 1: torch.tensor([0.0, 2.0])})
+    b = Vector({0: torch.tensor([2.0, 0.0]), 1: torch.tensor([0.0, -1.0]), 5: torch.ones(2)})
+    per, flat = steer.cosine(a, b)
+    assert per == pytest.approx({0: 1.0, 1: -1.0})
+    assert flat == pytest.approx((2 - 2) / (5 ** 0.5 * 5 ** 0.5))
+
+
+def test_vector_save_load_roundtrip(tmp_path, tiny):
+    model, _ = tiny
+    vec = _random_vector(model, [0, 1])
+    vec.meta["pos"] = "x"
+    vec.save(tmp_path / "v.pt")
+    back = Vector.load(tmp_path / "v.pt")
+    assert back.meta == vec.meta and all(torch.equal(back.layers[l], vec.layers[l]) for l in (0, 1))
+
+
+def test_student_vector_is_zero_with_a_fresh_adapter(tiny):
+    model, tok = tiny
+    import copy
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    vec = steer.student_vector(peft_model, tok, ["Hi", "Plan a picnic"], [0, 1], progress=False)
+    assert all(v.abs().max() < 1e-6 for v in vec.layers.values())  # LoRA B starts at zero
+
+
+def test_calibration_hits_the_target_kl(tiny):
+    model, tok = tiny
+    vec = _random_vector(model, [0], scale=0.5)
+    prompts = [chat_prompt(tok, x) for x in ["Hi", "Plan a picnic"]]
+    target = steer.kl_p95(model, tok, vec, 3.0, prompts) / 2  # reachable on this model, whatever its scale
+    coeff, trace = steer.calibrate(model, tok, vec, prompts, target=target, iters=16)
+    assert 0 < coeff < 3.0
+    assert steer.kl_p95(model, tok, vec, coeff, prompts) == pytest.approx(target, rel=0.02)
