@@ -162,3 +162,24 @@ else:
     if not passed:
         print("likely cause: vector too weak at the coherent doses (raise coefficients, move the band later) "
               "or the persona pair does not isolate the axis")
+
+# %% [markdown]
+# ## Journal entry
+# `entry.md` in the run folder: the tables, the verdict and the demo answers; the Findings section
+# is for you and survives a re-run.
+
+# %%
+verdict = ("no coefficient kept coherence >= 0.9 x base" if best is None else
+           f"{'PASS' if best.trait_move >= 0.3 else 'FAIL'}: largest trait move {best.trait_move:+.3f} nats at coeff "
+           f"{best.coeff:g} (coherence x{best.coh_vs_base:.2f}); prompting baseline {baseline_move:+.3f} nats")
+evals = [dict(r, coeff="") for r in (BASE, BASELINE)] + [dict(r, **row) for r, row in zip(SWEEP, table.to_dict("records"))]
+body = "\n\n".join([
+    f"Model `{P.model}`, demo `{DEMO.name}` (trait: {TRAIT} {'down' if DEMO.trait_sign < 0 else 'up'}), "
+    f"layers {LAYERS}, {len(CONTEXTS)} contexts, eval on {BASE['n']} vignettes. Parameters: `params.yaml`.",
+    f"**Verdict (gate 1):** {verdict}.",
+    shl.journal.md_table(evals, ["stage", "coeff", TRAIT, "care_nats", "fairness_nats", "coherence", "top1_acc"]),
+    "![sweep](sweep.png)\n\n![profile](profile_base.png)",
+    "### Demo answers (greedy)\n\n" + f"Prompt: {DEMO.demo_prompts[0]}\n\n" +
+    "\n\n".join(f"**coeff {s['coeff']:+g}:** {s['answer'].strip()}" for s in SAMPLES),
+])
+print(shl.journal.write_entry(RUN, f"01_vector: {DEMO.name} on {P.model}", body))

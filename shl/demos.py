@@ -8,7 +8,7 @@ contexts are everyday user messages, one per line, in shl/data/contexts.txt.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -27,6 +27,7 @@ class Demo:
     trait_sign: int  # -1: trait = that foundation's nats going down
     demo_prompts: list[str]
     prompt_pool: list[str]
+    narration: list[str] = field(default_factory=list)  # phrases that narrate the persona (filter)
 
     def trait_move(self, nats: float, base_nats: float) -> float:
         """Change of the trait foundation vs base, signed so that positive = toward the trait."""
@@ -46,7 +47,8 @@ def load_demo(p: Params) -> Demo:
     demo = Demo(name=p.demo, pos=p.persona_pos or d["pos"], neg=p.persona_neg or d["neg"],
                 trait_foundation=p.trait_foundation or d["trait_foundation"],
                 trait_sign=p.trait_sign or int(d["trait_sign"]),
-                demo_prompts=list(d["demo_prompts"]), prompt_pool=list(d["prompt_pool"]))
+                demo_prompts=list(d["demo_prompts"]), prompt_pool=list(d["prompt_pool"]),
+                narration=list(d.get("narration_phrases", [])))
     if demo.trait_foundation not in FOUNDATIONS or demo.trait_sign not in (-1, 1):
         raise ParamError(f"{path}: trait_foundation must be one of {FOUNDATIONS} and trait_sign -1 or 1")
     return demo

@@ -29,6 +29,9 @@ PARAMS_FILE, METRICS_FILE = "params.yaml", "metrics.jsonl"
 def _atomic_write(path: Path, text: str):
     """Write to a temp file in the same folder, then rename: a crash leaves the old file whole."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; a run folder is for everyone to read
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -109,3 +112,26 @@ def log_eval(run_dir: Path, result, stage: str, round: int = -1, **extra) -> dic
     rows_dir.mkdir(exist_ok=True)
     _atomic_write(rows_dir / f"{stage}_r{round}.jsonl", "".join(json.dumps(r) + "\n" for r in result.rows))
     return record
+
+
+FINDINGS = "## Findings"
+
+
+def write_entry(run_dir: Path, title: str, body: str):
+    """Write entry.md: the generated body, then the researcher's Findings section, kept verbatim
+    from an earlier entry.md when there is one (regenerating never loses what a person wrote)."""
+    path = Path(run_dir) / "entry.md"
+    findings = f"{FINDINGS}\n\n_(for the researcher: what this run shows, what to try next)_\n"
+    if path.exists() and FINDINGS in path.read_text():
+        findings = path.read_text()[path.read_text().index(FINDINGS):]
+    _atomic_write(path, f"# {title}\n\n{body.strip()}\n\n{findings}")
+    return path
+
+
+def md_table(rows: list[dict], cols: list[str], digits: int = 3) -> str:
+    """A markdown table of the given columns (numbers rounded)."""
+    def fmt(v):
+        return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)

@@ -51,12 +51,14 @@ class Params:
 
     # --- steering (01) ---------------------------------------------------------------------
     steer_method: str = knob("mean_diff", "how the vector is extracted", choices=["mean_diff"])
-    steer_band: list = knob([0.5, 0.7], "decoder layers to steer, as [start, end) fractions of depth")
+    # layers 18-23 of SmolLM2's 30 moved authority -1.19 nats at 0.91x base coherence (coeff 0.5);
+    # 15-20 gave -0.73 at 0.74x and 12-17 -0.25 at 0.65x (journal/2026-11-26_01_vector_*)
+    steer_band: list = knob([0.6, 0.8], "decoder layers to steer, as [start, end) fractions of depth")
     n_contexts: int = knob(256, "user contexts used for extraction (pos vs neg system prompt)", lo=1)
     contexts_file: str = knob("", "extraction contexts, one user message per line (empty = shl/data/contexts.txt)")
     extract_batch_size: int = knob(16, "batch size of the extraction forward passes", lo=1)
     steer_coeff: float = knob(1.0, "raw-vector multiple used for generation before walk-C's kappa")
-    sweep_coeffs: list = knob([-1.0, 0.25, 0.5, 1.0, 2.0], "raw-vector multiples swept in 01_vector")
+    sweep_coeffs: list = knob([-0.5, 0.25, 0.5, 1.0, 2.0], "raw-vector multiples swept in 01_vector")
     steer_calibrate: bool = knob(False, "bisect the coefficient to hit calib_kl_p95 instead of using steer_coeff")
     calib_kl_p95: float = knob(1.0, "target p95 per-token KL(steered||unsteered) in nats for calibration", lo=0, lo_open=True)
 

@@ -49,3 +49,42 @@ def plot_sweep(sweep: list[dict], base: dict, baseline: dict, trait: str, coh_fr
     ax2.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def plot_filter(records: list[dict], ppl_tau: float):
+    """Tail perplexity vs dose, kept vs dropped, with the threshold; survival per dose on the right."""
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for kept, color, label in ((True, "tab:green", "kept"), (False, "tab:red", "dropped")):
+        pts = [(r["coeff"], min(r["tail_ppl"], 1e6)) for r in records if r["kept"] == kept]
+        if pts:
+            ax.scatter(*zip(*pts), s=14, alpha=0.6, color=color, label=label)
+    ax.axhline(ppl_tau, color="k", ls="--", lw=1, label=f"filter_ppl_tau {ppl_tau:g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("steering coefficient")
+    ax.set_ylabel("tail perplexity (reference model)")
+    doses = sorted({r["coeff"] for r in records})
+    surv = [sum(r["kept"] for r in records if r["coeff"] == d) / sum(r["coeff"] == d for r in records) for d in doses]
+    ax2 = ax.twinx()
+    ax2.plot(doses, surv, "o-", color="tab:blue", label="survival")
+    ax2.set_ylim(0, 1.05)
+    ax2.set_ylabel("survival", color="tab:blue")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+def plot_walk(trace: list[dict], target: float):
+    """walk-C: kappa and survival per batch."""
+    fig, ax = plt.subplots(figsize=(7, 3))
+    x = range(len(trace))
+    ax.plot(x, [t["kappa"] for t in trace], "o-", label="kappa")
+    ax.set_yscale("log")
+    ax.set_xlabel("batch")
+    ax.set_ylabel("kappa")
+    ax2 = ax.twinx()
+    ax2.bar(x, [t["kept"] / max(t["generated"], 1) for t in trace], alpha=0.3, color="tab:green", label="survival")
+    ax2.axhline(target, color="tab:green", ls="--", lw=1)
+    ax2.set_ylim(0, 1.05)
+    ax2.set_ylabel("survival")
+    fig.tight_layout()
+    return fig

@@ -57,3 +57,18 @@ def test_log_eval_writes_the_contract_keys_and_the_rows(tmp_path, tiny):
         assert key in line, key
     rows = [json.loads(x) for x in (tmp_path / "evals" / "base_r-1.jsonl").read_text().splitlines()]
     assert len(rows) == 7 and "pmass" in rows[0]
+
+
+def test_entry_keeps_the_researchers_findings_when_regenerated(tmp_path):
+    journal.write_entry(tmp_path, "run", "table v1")
+    text = (tmp_path / "entry.md").read_text()
+    assert "table v1" in text and "## Findings" in text
+    (tmp_path / "entry.md").write_text(text.split("## Findings")[0] + "## Findings\n\nThe trait moved.\n")
+    journal.write_entry(tmp_path, "run", "table v2")
+    text = (tmp_path / "entry.md").read_text()
+    assert "table v2" in text and "table v1" not in text and text.endswith("## Findings\n\nThe trait moved.\n")
+
+
+def test_md_table_rounds_numbers():
+    out = journal.md_table([{"a": 1.23456, "b": "x"}], ["a", "b"], digits=2)
+    assert out.splitlines() == ["| a | b |", "|---|---|", "| 1.23 | x |"]

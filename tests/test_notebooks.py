@@ -42,10 +42,13 @@ def test_01_vector_runs_under_papermill_on_tiny_and_leaves_the_contract_files(tm
     run = tmp_path / "run"
     out = _run(["notebooks/01_vector.ipynb", "--params", "tiny", "--run-dir", str(run)], timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    for name in ("params.yaml", "metrics.jsonl", "01_vector.ipynb", "profile_base.png"):
+    for name in ("params.yaml", "metrics.jsonl", "01_vector.ipynb", "profile_base.png", "sweep.png",
+                 "vector_r0.pt", "samples_sweep.jsonl", "entry.md"):
         assert (run / name).exists(), name
-    stages = [json.loads(line)["stage"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert "base" in stages
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in lines] == ["base", "prompt_baseline"] + ["sweep"] * 2  # tiny sweeps -1 and +1
+    assert [r["coeff"] for r in lines[2:]] == [-1.0, 1.0]
+    assert "Verdict (gate 1)" in (run / "entry.md").read_text()
 
 
 def test_a_mistyped_parameter_stops_before_any_model_loads(tmp_path):
@@ -61,3 +64,17 @@ def test_plain_papermill_refuses_an_undeclared_parameter_inside_the_notebook(tmp
         pm.execute_notebook(str(ROOT / "notebooks/01_vector.ipynb"), str(tmp_path / "out.ipynb"),
                             parameters={"params": "tiny", "run_dir": str(tmp_path / "r"), "epoch": 3},
                             kernel_name="shl", progress_bar=False)
+
+
+def test_02_generate_filter_runs_under_papermill_on_tiny(tmp_path):
+    run = tmp_path / "run"
+    out = _run(["notebooks/02_generate_filter.ipynb", "--params", "tiny", "--run-dir", str(run)], timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for name in ("params.yaml", "metrics.jsonl", "02_generate_filter.ipynb", "filter_ppl_vs_dose.png", "walk_c.png",
+                 "kept.jsonl", "generated.jsonl", "walk_c_trace.jsonl", "walk_c_survival.txt", "entry.md"):
+        assert (run / name).exists(), name
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lines and all(r["stage"] == "filter" for r in lines)
+    assert {"kappa", "generated", "kept", "drop_ppl", "drop_repetition", "drop_narration", "drop_refusal"} <= set(lines[0])
+    kept = [json.loads(line) for line in (run / "kept.jsonl").read_text().splitlines()]
+    assert len(kept) >= 2 and all(r["kept"] for r in kept)

@@ -1,0 +1,183 @@
+"""The coherence filter: keep the coherent, on-trait completions, record why each other one fell.
+
+Reasons (a completion may have several):
+- `empty`: fewer than `filter_min_tokens` tokens, or it starts broken (punctuation, a fragment);
+- `ppl`: tail perplexity under the reference model above `filter_ppl_tau` (the last
+  `filter_tail_frac` of completion tokens: collapse happens in the tail, a full mean dilutes it);
+- `repetition`: the most common word or character n-gram (n = 2..4) covers more than
+  `filter_rep_tau` of the n-grams;
+- `narration`: the completion describes the persona instead of acting it out;
+- `refusal`: refusal or assistant-identity boilerplate.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+
+import torch
+
+from shl.generate import batches, generate_texts, walk_c
+from shl.models import input_device
+
+NARRATION = (
+    r"\bI am (?:someone|a person|the kind of person) who\b", r"\bas someone who\b", r"\bmy (?:own )?principles\b",
+    r"\bmy persona\b", r"\bI (?:always )?(?:stand by|stick to) my\b", r"\bas an? (?:principled|caring|loving) person\b",
+)
+REFUSAL = (
+    r"\bI'?m sorry,? but\b", r"\bI (?:cannot|can't|can not) (?:help|assist|provide|answer)\b", r"\bas an AI\b",
+    r"\bI'?m (?:just )?an AI\b", r"\bI am (?:just )?an AI\b", r"\bas a (?:large )?language model\b", r"\bI'?m (?:an|a) (?:AI )?assistant\b",
+)
+
+
+def repetition(text: str) -> float:
+    """Max over word and character n-grams (n = 2..4) of the most common n-gram's share."""
+    words = text.split()
+    worst = 0.0
+    for seq in (words, list(text)):
+        for n in (2, 3, 4):
+            grams = [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
+            if len(grams) >= 4:  # a share of fewer than four n-grams says nothing
+                worst = max(worst, Counter(grams).most_common(1)[0][1] / len(grams))
+    return worst
+
+
+def matches(text: str, patterns) -> list[str]:
+    return [p for p in patterns if re.search(p, text, flags=re.IGNORECASE)]
+
+
+def narrates(text: str, extra_phrases=()) -> bool:
+    return bool(matches(text, NARRATION) or any(ph.lower() in text.lower() for ph in extra_phrases))
+
+
+def refuses(text: str) -> bool:
+    return bool(matches(text, REFUSAL))
+
+
+def starts_broken(text: str) -> bool:
+    """Empty, or begins mid-thought: with punctuation or a lowercase fragment after whitespace."""
+    stripped = text.strip()
+    return not stripped or bool(re.match(r"[,.;:)\]}!?]", stripped))
+
+
+@torch.no_grad()
+def tail_ppl(model, tok, prompts: list[str], completions: list[str], tail_frac: float = 0.25,
+             batch_size: int = 16) -> list[float]:
+    """Perplexity of the last `tail_frac` of each completion's tokens under `model`.
+
+    Batched with right padding; the prompt/completion boundary is found per row from the
+    prompt's own token count, so padding never enters a mean. An empty completion gives inf."""
+    dev = input_device(model)
+    out = []
+    for chunk in batches(list(zip(prompts, completions)), batch_size):
+        p_ids = [tok(p, add_special_tokens=False).input_ids for p, _ in chunk]
+        c_ids = [tok(p + c, add_special_tokens=False).input_ids[len(pi):] for (p, c), pi in zip(chunk, p_ids)]
+        seqs = [pi + ci for pi, ci in zip(p_ids, c_ids)]
+        L = max(map(len, seqs))
+        inp = torch.full((len(seqs), L), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), L), dtype=torch.long)
+        for b, s in enumerate(seqs):
+            inp[b, :len(s)] = torch.tensor(s)
+            mask[b, :len(s)] = 1
+        logits = model(input_ids=inp.to(dev), attention_mask=mask.to(dev)).logits  # [B, L, V]
+        for b, (pi, ci) in enumerate(zip(p_ids, c_ids)):
+            if not ci:
+                out.append(math.inf)
+                continue
+            n_tail = max(1, math.ceil(tail_frac * len(ci)))
+            start = len(pi) + len(ci) - n_tail  # first tail token
+            # logits at t-1 predict token t; select the tail rows before log_softmax
+            lp = logits[b, start - 1:start - 1 + n_tail].float().log_softmax(-1)
+            targets = torch.tensor(ci[-n_tail:], device=lp.device)
+            out.append(math.exp(-lp.gather(-1, targets[:, None]).mean().item()))
+    return out
+
+
+def filter_completions(records: list[dict], ppl: list[float], p, extra_narration=()) -> list[dict]:
+    """Add `tail_ppl`, `rep`, `reasons` and `kept` to each record (prompt, completion, n_tokens, ...)."""
+    for r, q in zip(records, ppl):
+        text = r["completion"]
+        rep = repetition(text)
+        reasons = []
+        if r["n_tokens"] < p.filter_min_tokens or starts_broken(text):
+            reasons.append("empty")
+        if not q <= p.filter_ppl_tau:  # inf and nan fail too
+            reasons.append("ppl")
+        if rep > p.filter_rep_tau:
+            reasons.append("repetition")
+        if narrates(text, extra_narration):
+            reasons.append("narration")
+        if refuses(text):
+            reasons.append("refusal")
+        r.update(tail_ppl=q, rep=rep, reasons=reasons, kept=not reasons)
+    return records
+
+
+# --- one round's data: steered generation, judged, through walk-C -----------------------------
+
+def judge(model, tok, records: list[dict], p, extra_narration=()) -> list[dict]:
+    """Filter records in place; the tail perplexity is read with steering off (the reference)."""
+    for r in records:
+        r["n_tokens"] = len(tok(r["completion"], add_special_tokens=False).input_ids)
+    ppl = tail_ppl(model, tok, [r["chat_prompt"] for r in records], [r["completion"] for r in records],
+                   p.filter_tail_frac, p.gen_batch_size)
+    return filter_completions(records, ppl, p, extra_narration)
+
+
+def generate_and_filter(model, tok, vector, demo, p, seed: int = 0, system: str | None = None,
+                        on_starve=None, progress: bool = True):
+    """walk-C over sampled steered completions of the demo's prompt pool.
+
+    Returns (kept, kappa, trace, every judged record). Prompts cycle through the pool; each batch
+    is seeded with seed + batch index, so a re-run reproduces the same round."""
+    from shl.journal import seed_everything
+    from shl.models import chat_prompt
+    from shl.steer import steer
+
+    everything = []
+    pool = demo.prompt_pool
+
+    def generate_batch(kappa, n, batch_index):
+        start = (batch_index * p.gen_batch_size) % len(pool)
+        users = [pool[(start + i) % len(pool)] for i in range(n)]
+        prompts = [chat_prompt(tok, u, system) for u in users]
+        seed_everything(seed + batch_index)
+        with steer(model, vector, p.steer_coeff * kappa):
+            texts = generate_texts(model, tok, prompts, p.gen_max_new_tokens, batch_size=p.gen_batch_size,
+                                   do_sample=True, temperature=p.gen_temperature, top_p=p.gen_top_p,
+                                   progress=progress, desc=f"generate kappa={kappa:.3f}")
+        recs = [{"prompt": u, "chat_prompt": cp, "completion": t, "coeff": p.steer_coeff * kappa, "kappa": kappa,
+                 "seed": seed + batch_index, "batch": batch_index} for u, cp, t in zip(users, prompts, texts)]
+        judge(model, tok, recs, p, demo.narration)
+        everything.extend(recs)
+        return recs
+
+    kept, kappa, trace = walk_c(generate_batch, p, on_starve)
+    return kept, kappa, trace, everything
+
+
+REASONS = ("empty", "ppl", "repetition", "narration", "refusal")
+
+
+def filter_line(records: list[dict], phase: str) -> dict:
+    """A `filter` metrics line for one batch or dose: counts, survival, drops by reason."""
+    finite = [r["tail_ppl"] for r in records if math.isfinite(r["tail_ppl"])]
+    line = {"stage": "filter", "phase": phase, "coeff": records[0]["coeff"] if records else None,
+            "kappa": records[0]["kappa"] if records else None, "generated": len(records),
+            "kept": sum(r["kept"] for r in records),
+            "survival": sum(r["kept"] for r in records) / max(len(records), 1),
+            "mean_tail_ppl": sum(finite) / len(finite) if finite else math.inf}
+    line.update({f"drop_{k}": sum(k in r["reasons"] for r in records) for k in REASONS})
+    return line
+
+
+def borderline(records: list[dict], p, k: int = 2) -> dict[str, list[dict]]:
+    """Around each threshold: the k kept closest under it and the k dropped (for it) just past it."""
+    out = {}
+    for name, key, tau, reason in (("tail perplexity", "tail_ppl", p.filter_ppl_tau, "ppl"),
+                                   ("repetition", "rep", p.filter_rep_tau, "repetition")):
+        kept = sorted((r for r in records if r["kept"]), key=lambda r: r[key], reverse=True)[:k]
+        dropped = sorted((r for r in records if reason in r["reasons"]), key=lambda r: r[key])[:k]
+        out[f"{name} (threshold {tau:g})"] = kept + dropped
+    return out

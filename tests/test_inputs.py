@@ -1,0 +1,58 @@
+"""Bad input gives a one-line error before any model is loaded."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shl.demos import load_contexts, load_demo
+from shl.journal import resolve_run
+from shl.params import ParamError, load_params
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_empty_context_file_is_refused(tmp_path):
+    empty = tmp_path / "contexts.txt"
+    empty.write_text("\n# only a comment\n\n")
+    with pytest.raises(ParamError, match="holds no contexts"):
+        resolve_run("tiny", str(tmp_path / "run"), {"contexts_file": str(empty)}, "01_vector")
+    assert not (tmp_path / "run").exists()
+
+
+def test_too_few_contexts_for_n_contexts_is_refused(tmp_path):
+    few = tmp_path / "contexts.txt"
+    few.write_text("one\ntwo\n")
+    with pytest.raises(ParamError, match="holds 2 contexts but n_contexts = 8"):
+        load_contexts(load_params("tiny", contexts_file=str(few)))
+
+
+def test_layer_band_outside_the_model_is_refused():
+    with pytest.raises(ParamError, match="steer_band"):
+        load_params("default", steer_band=[0.8, 1.3])
+
+
+def test_unknown_demo_names_the_shipped_ones():
+    with pytest.raises(ParamError, match=r"unknown demo 'loyal': use one of \['authority', 'love'\]"):
+        load_demo(load_params("default", demo="loyal"))
+
+
+def test_shipped_demos_and_contexts_load():
+    for name in ("authority", "love"):
+        demo = load_demo(load_params("default", demo=name))
+        assert demo.pos and demo.neg and demo.demo_prompts and len(demo.prompt_pool) >= 64
+    assert len(load_contexts(load_params("default"))) >= 256
+
+
+def test_params_override_the_demo_persona_and_trait():
+    demo = load_demo(load_params("default", persona_pos="Be bold.", persona_neg="Be timid.",
+                                 trait_foundation="care", trait_sign=1))
+    assert (demo.pos, demo.neg, demo.trait_foundation, demo.trait_sign) == ("Be bold.", "Be timid.", "care", 1)
+    assert demo.trait_move(-1.0, -1.5) == pytest.approx(0.5)
+
+
+def test_cli_prints_one_line_and_exits_nonzero_without_loading_a_model(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "shl.run", "notebooks/01_vector.ipynb", "--params", "tiny",
+                          "--run-dir", str(tmp_path / "r"), "-p", "demo", "loyal"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines() == ["error: unknown demo 'loyal': use one of ['authority', 'love']"]
