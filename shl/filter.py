@@ -66,30 +66,32 @@ def tail_ppl(model, tok, prompts: list[str], completions: list[str], tail_frac: 
              batch_size: int = 16) -> list[float]:
     """Perplexity of the last `tail_frac` of each completion's tokens under `model`.
 
-    Batched with right padding; the prompt/completion boundary is found per row from the
-    prompt's own token count, so padding never enters a mean. An empty completion gives inf."""
+    Left padding puts every completion's end in the last column, so only the last
+    max(n_tail) + 1 positions need logits (never [B, L, V] over a 262k vocabulary); position ids
+    count from each row's first real token. An empty completion gives inf."""
     dev = input_device(model)
     out = []
     for chunk in batches(list(zip(prompts, completions)), batch_size):
         p_ids = [tok(p, add_special_tokens=False).input_ids for p, _ in chunk]
         c_ids = [tok(p + c, add_special_tokens=False).input_ids[len(pi):] for (p, c), pi in zip(chunk, p_ids)]
+        n_tail = [max(1, math.ceil(tail_frac * len(ci))) if ci else 0 for ci in c_ids]
         seqs = [pi + ci for pi, ci in zip(p_ids, c_ids)]
-        L = max(map(len, seqs))
+        L, K = max(map(len, seqs)), max(n_tail) + 1
         inp = torch.full((len(seqs), L), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), L), dtype=torch.long)
         for b, s in enumerate(seqs):
-            inp[b, :len(s)] = torch.tensor(s)
-            mask[b, :len(s)] = 1
-        logits = model(input_ids=inp.to(dev), attention_mask=mask.to(dev)).logits  # [B, L, V]
-        for b, (pi, ci) in enumerate(zip(p_ids, c_ids)):
+            inp[b, L - len(s):] = torch.tensor(s)
+            mask[b, L - len(s):] = 1
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        logits = model(input_ids=inp.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                       logits_to_keep=K).logits  # [B, K, V]: column L-K+k
+        for b, (ci, n) in enumerate(zip(c_ids, n_tail)):
             if not ci:
                 out.append(math.inf)
                 continue
-            n_tail = max(1, math.ceil(tail_frac * len(ci)))
-            start = len(pi) + len(ci) - n_tail  # first tail token
-            # logits at t-1 predict token t; select the tail rows before log_softmax
-            lp = logits[b, start - 1:start - 1 + n_tail].float().log_softmax(-1)
-            targets = torch.tensor(ci[-n_tail:], device=lp.device)
+            # logits at column t-1 predict token t; the tail is the last n columns
+            lp = logits[b, K - 1 - n:K - 1].float().log_softmax(-1)
+            targets = torch.tensor(ci[-n:], device=lp.device)
             out.append(math.exp(-lp.gather(-1, targets[:, None]).mean().item()))
     return out
 

@@ -57,7 +57,8 @@ class Params:
     n_contexts: int = knob(256, "user contexts used for extraction (pos vs neg system prompt)", lo=1)
     contexts_file: str = knob("", "extraction contexts, one user message per line (empty = shl/data/contexts.txt)")
     extract_batch_size: int = knob(16, "batch size of the extraction forward passes", lo=1)
-    steer_coeff: float = knob(1.0, "raw-vector multiple used for generation before walk-C's kappa")
+    # 2.0 breaks SmolLM2 (0.25 survival at the default filter), so walk-C has a real edge to find
+    steer_coeff: float = knob(2.0, "raw-vector multiple used for generation (walk-C's kappa = 1)")
     sweep_coeffs: list = knob([-0.5, 0.25, 0.5, 1.0, 2.0], "raw-vector multiples swept in 01_vector")
     steer_calibrate: bool = knob(False, "bisect the coefficient to hit calib_kl_p95 instead of using steer_coeff")
     calib_kl_p95: float = knob(1.0, "target p95 per-token KL(steered||unsteered) in nats for calibration", lo=0, lo_open=True)
@@ -65,19 +66,21 @@ class Params:
     # --- generation (02) -------------------------------------------------------------------
     gen_batch_size: int = knob(16, "completions per generate() call", lo=1)
     gen_max_new_tokens: int = knob(80, "tokens per sampled training completion", lo=1)
-    gen_temperature: float = knob(1.0, "sampling temperature of training completions", lo=0, lo_open=True)
+    # at 1.0 SmolLM2-135M rambles even unsteered (tail ppl up to ~35), so the filter cannot tell
+    # steering damage from sampling noise; at 0.7 unsteered tails sit at 2-4
+    gen_temperature: float = knob(0.7, "sampling temperature of training completions", lo=0, lo_open=True)
     gen_top_p: float = knob(0.95, "nucleus sampling of training completions", lo=0, hi=1, lo_open=True)
     demo_max_new_tokens: int = knob(64, "tokens per greedy demo generation (compared across rounds)", lo=1)
 
     # --- filter (02) -----------------------------------------------------------------------
-    filter_ppl_tau: float = knob(40.0, "drop a completion whose tail perplexity under the reference exceeds this", lo=1)
+    filter_ppl_tau: float = knob(8.0, "drop a completion whose tail perplexity under the reference exceeds this", lo=1)
     filter_tail_frac: float = knob(0.25, "fraction of completion tokens (the tail) the perplexity is read over", lo=0, hi=1, lo_open=True)
     filter_rep_tau: float = knob(0.35, "drop when the most common word/char n-gram (n=2..4) covers more than this fraction", lo=0, hi=1)
     filter_min_tokens: int = knob(8, "drop completions shorter than this many tokens", lo=1)
 
     # --- walk-C (02) -----------------------------------------------------------------------
     kappa_min: float = knob(0.1, "lowest dose multiplier walk-C may settle on", lo=0, hi=1, lo_open=True)
-    gen_pass_target: float = knob(0.5, "probe survival walk-C bisects kappa towards", lo=0, hi=1, lo_open=True)
+    gen_pass_target: float = knob(0.75, "probe survival walk-C bisects kappa towards", lo=0, hi=1, lo_open=True)
     gen_probe_size: int = knob(16, "completions per walk-C probe batch", lo=1)
     walk_iters: int = knob(4, "bisection steps of kappa in log space", lo=0)
     gen_max_batches: int = knob(12, "generation batches (probes included) before starving is an error", lo=1)
@@ -95,7 +98,7 @@ class Params:
     lam_round_pow: float = knob(-0.5, "lam_eff = lam * (1 + round) ** lam_round_pow")
     tau: float = knob(0.05, "barrier slack: it fires only when D > tau (must sit below the operating KL)", lo=0)
     spectral_lam: float = knob(0.01, "weight of sigma_max(B A) per adapted matrix", lo=0)
-    spectral_iters: int = knob(3, "power-iteration steps for sigma_max", lo=1)
+    spectral_iters: int = knob(20, "power-iteration steps for sigma_max (3 can read 14% low; 20 is within 0.1%)", lo=1)
     lr: float = knob(2e-4, "AdamW peak learning rate", lo=0, lo_open=True)
     weight_decay: float = knob(0.0, "AdamW weight decay (composes with the barrier)", lo=0)
     epochs: int = knob(2, "passes over the kept completions", lo=1)
@@ -105,6 +108,7 @@ class Params:
     max_grad_norm: float = knob(1.0, "gradient clipping norm", lo=0, lo_open=True)
     heldout_frac: float = knob(0.1, "fraction of kept completions held out for per-epoch NLL", lo=0, hi=0.5)
     heal_ablation: bool = knob(False, "03_heal: also heal the same data with reg=nll and reg=kl_rev and compare")
+    kept_from: str = knob("", "03_heal: a 02_generate_filter run folder to take kept.jsonl and the vector from (empty = generate here)")
 
     # --- eval (every gate) -----------------------------------------------------------------
     eval_n: int = knob(0, "vignettes to evaluate, spread over foundations (0 = all 132)", lo=0, hi=132)

@@ -88,3 +88,19 @@ def plot_walk(trace: list[dict], target: float):
     ax2.set_ylabel("survival")
     fig.tight_layout()
     return fig
+
+
+def plot_heal(steps: list[dict], tau: float, title: str = "heal"):
+    """NLL and the barrier's D per optimizer step, tau drawn; barrier pressure below."""
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 4.8), sharex=True)
+    x = [s["step"] for s in steps]
+    ax1.plot(x, [s["nll"] for s in steps], label="nll (completion tokens)")
+    ax1.plot(x, [s["D"] for s in steps], label="D (aggregated KL)")
+    ax1.axhline(tau, color="r", ls="--", lw=1, label=f"tau {tau:g}")
+    ax1.set_title(title)
+    ax1.legend(fontsize=8)
+    ax2.plot(x, [s["pressure"] for s in steps], color="tab:purple")
+    ax2.set_ylabel("|grad barrier| / |grad nll|")
+    ax2.set_xlabel("optimizer step")
+    fig.tight_layout()
+    return fig

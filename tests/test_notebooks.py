@@ -78,3 +78,18 @@ def test_02_generate_filter_runs_under_papermill_on_tiny(tmp_path):
     assert {"kappa", "generated", "kept", "drop_ppl", "drop_repetition", "drop_narration", "drop_refusal"} <= set(lines[0])
     kept = [json.loads(line) for line in (run / "kept.jsonl").read_text().splitlines()]
     assert len(kept) >= 2 and all(r["kept"] for r in kept)
+
+
+def test_03_heal_runs_under_papermill_on_tiny_with_the_ablation(tmp_path):
+    run = tmp_path / "run"
+    out = _run(["notebooks/03_heal.ipynb", "--params", "tiny", "--run-dir", str(run), "-p", "heal_ablation", "true"],
+               timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for name in ("params.yaml", "metrics.jsonl", "03_heal.ipynb", "heal_r0.png", "heal_log.jsonl", "kept.jsonl",
+                 "adapters/r0/adapter_config.json", "adapters/r0/adapter_model.safetensors", "entry.md"):
+        assert (run / name).exists(), name
+    stages = [json.loads(line)["stage"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert stages == ["base", "prompt_baseline", "steered", "heal", "healed", "ablation_nll", "ablation_kl_rev"]
+    heal_line = json.loads((run / "metrics.jsonl").read_text().splitlines()[3])
+    assert {"train_nll", "heldout_nll", "final_D", "seconds"} <= set(heal_line)
+    assert "Verdict (gate 3)" in (run / "entry.md").read_text()

@@ -1,0 +1,113 @@
+"""Benchmark one heal optimizer step: reg=nll vs reg=kl_rev, and masked vs full-vocab log_softmax.
+
+    .venv/bin/python benchmarks/bench_heal.py [--steps 6] [--batch 4] [--tokens 80]
+
+Same model (the embedded SmolLM2), same batch of prompt + completion sequences, LoRA r16 on the
+default heal band. Time per optimizer step (median of --steps after one warm-up) for both regs
+in this process; peak memory per variant measured in a fresh subprocess each (peak RSS over the
+RSS after set-up, so both carry the same model weights). Nothing gates on these numbers.
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+
+def rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def setup(batch, tokens, **overrides):
+    import torch
+    from shl import heal
+    from shl.demos import load_demo
+    from shl.models import chat_prompt, load_model
+    from shl.params import load_params
+
+    p = load_params("default", **overrides)
+    model, tok = load_model(p.model, "float32", "cpu")
+    demo = load_demo(p)
+    g = torch.Generator().manual_seed(0)
+    records = []
+    for i in range(batch):
+        ids = torch.randint(200, 20000, (tokens,), generator=g).tolist()
+        records.append({"chat_prompt": chat_prompt(tok, demo.prompt_pool[i]), "completion": tok.decode(ids)})
+    model = heal.add_round_adapter(model, p, 0)
+    with torch.no_grad():  # a non-zero adapter, so the student differs from the reference
+        for A, B, _ in heal.lora_pairs(model, "r0"):
+            B.normal_(0, 0.02)
+    batch_t = heal.collate(heal.encode_records(tok, records), tok.pad_token_id)
+    return p, model, batch_t
+
+
+def one_step(p, model, batch):
+    """What heal() does per micro-batch: the loss terms, a gradient per term, the summed update."""
+    from shl import heal
+    params = [w for A, B, _ in heal.lora_pairs(model, "r0") for w in (A, B)]
+    t = heal.heal_loss(model, batch, p, 0, [], "r0")
+    terms = [t["nll"], t["spectral"]] + ([t["barrier"]] if t["barrier"].item() > 0 else [])
+    grads = [heal._grads(term, params, 1) for term in terms]
+    for q, *gs in zip(params, *grads):
+        q.grad = sum(gs)
+    return t["D"].item()
+
+
+def time_steps(reg, batch, tokens, steps):
+    p, model, b = setup(batch, tokens, reg=reg, tau=0.0)
+    one_step(p, model, b)  # warm-up
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        one_step(p, model, b)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def child(kind, batch, tokens):
+    """Peak RSS of one step (kind: nll, kl_rev) or of the log-softmax alone (masked, full)."""
+    import torch
+    p, model, b = setup(batch, tokens, reg="kl_rev" if kind in ("kl_rev", "masked", "full") else "nll", tau=0.0)
+    base = rss_mb()
+    if kind in ("nll", "kl_rev"):
+        one_step(p, model, b)
+    else:
+        from shl import heal
+        if kind == "masked":
+            logp = heal.completion_logprobs(model, b["input_ids"], b["attention_mask"], b["loss_mask"])
+        else:  # the naive way: full [B, L, V] logits and log_softmax, then select
+            logp = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float().log_softmax(-1)
+            logp = logp[:, :-1][b["loss_mask"][:, 1:].bool()]
+        logp.sum().backward()
+    print(json.dumps({"kind": kind, "peak_mb": rss_mb() - base}))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=80)
+    ap.add_argument("--child", default="")
+    args = ap.parse_args()
+    if args.child:
+        return child(args.child, args.batch, args.tokens)
+    t_nll = time_steps("nll", args.batch, args.tokens, args.steps)
+    t_kl = time_steps("kl_rev", args.batch, args.tokens, args.steps)
+    print(f"step time (batch {args.batch} x ~{args.tokens} completion tokens): reg=nll {t_nll:.3f}s, "
+          f"reg=kl_rev {t_kl:.3f}s, overhead {t_kl / t_nll:.2f}x")
+    mem = {}
+    for kind in ("nll", "kl_rev", "masked", "full"):
+        out = subprocess.run([sys.executable, __file__, "--child", kind, "--batch", str(args.batch),
+                              "--tokens", str(args.tokens)], capture_output=True, text=True, check=True)
+        mem[kind] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+    print(f"peak memory over set-up: step reg=nll {mem['nll']:.0f} MB, reg=kl_rev {mem['kl_rev']:.0f} MB")
+    print(f"log-softmax + backward: completion positions selected first {mem['masked']:.0f} MB, "
+          f"full [B, L, V] {mem['full']:.0f} MB, saving {mem['full'] - mem['masked']:.0f} MB "
+          f"({mem['full'] / max(mem['masked'], 1):.1f}x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,527 @@
+"""Heal: train a fresh LoRA per round on kept completions, with a KL barrier toward a reference.
+
+One peft model holds every round's adapter. History (earlier rounds) is active and frozen while
+round k's adapter trains; the barrier's reference pass reuses the same model with the adapters
+switched (`adapters`), so there is never a second copy of the weights.
+
+Loss per micro-batch = NLL (mean over completion tokens)
+                     + lam_eff * relu(D - tau)          (D = kl_agg of the per-position KL)
+                     + spectral_lam * sum over LoRA pairs of sigma_max(scaling * B A).
+
+Gradient norms in the log are exact per optimizer step: each micro-batch takes the gradient of
+the NLL term and of the barrier term separately (`torch.autograd.grad`), their sums over the
+step are what the log reports, and the total gradient is their sum (plus the spectral term's).
+That costs one extra backward pass per micro-batch while the barrier fires, none otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from shl.models import input_device
+from shl.steer import band_layers, decoder_layers, num_layers
+
+AGGREGATES = ("mean", "rmse", "p95", "max")
+
+
+@contextlib.contextmanager
+def _quiet_peft():
+    # peft 0.21 probes transformers' deprecated `is_gradient_checkpointing` on every wrap/load
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def _root(model):
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+# --- config and adapters ---------------------------------------------------------------------
+
+def lora_config(model, p) -> LoraConfig:
+    """Rank r, alpha 2r, no dropout, on `lora_modules` of the decoder layers in `heal_band` only.
+
+    The target is a regex over full module names anchored at the text decoder's layer list, not
+    `layers_to_transform`: that one matches any `layers.<i>` (a vision tower's too, on gemma-3)."""
+    root = _root(model)
+    layers = decoder_layers(root)
+    prefix = next(name for name, m in root.named_modules() if m is layers)
+    idx = band_layers(num_layers(root), p.heal_band)
+    target = (rf"{re.escape(prefix)}\.({'|'.join(map(str, idx))})\.(?:.+\.)?"
+              rf"({'|'.join(map(re.escape, p.lora_modules))})")
+    return LoraConfig(r=p.lora_r, lora_alpha=2 * p.lora_r, lora_dropout=0.0, target_modules=target,
+                      bias="none", task_type="CAUSAL_LM")
+
+
+def _grad_flags(model) -> dict:
+    return {q: q.requires_grad for q in model.parameters()}
+
+
+def _restore_grad_flags(model, flags: dict):
+    for q in model.parameters():
+        if q in flags:
+            q.requires_grad_(flags[q])
+
+
+def active_adapters(model) -> list[str]:
+    return list(model.active_adapters) if isinstance(model, PeftModel) else []
+
+
+def set_active(model, names: list[str]):
+    """Activate exactly `names` together (the baked history stack); [] = base model.
+
+    Which parameters are trainable does not change: peft's set_adapter turns requires_grad on
+    for every adapter it activates, so the flags are put back afterwards."""
+    names = list(names)
+    if not isinstance(model, PeftModel):
+        if names:
+            raise ValueError(f"cannot activate adapters {names}: the model has no peft adapters yet")
+        return
+    unknown = [n for n in names if n not in model.peft_config]
+    if unknown:
+        raise ValueError(f"unknown adapters {unknown}; the model has {list(model.peft_config)}")
+    flags = _grad_flags(model)
+    model.base_model.set_adapter(names)  # LoraModel takes a list; PeftModel.set_adapter only one name
+    _restore_grad_flags(model, flags)
+    if names:
+        # PeftModel keeps one name of its own for config look-ups (disable_adapter, forward)
+        model.active_adapter = names[-1]
+
+
+@contextlib.contextmanager
+def adapters(model, names: list[str]):
+    """Temporarily activate `names` ([] = adapters disabled: the base model); restores the
+    previous active list and requires_grad flags on exit, exception or not."""
+    names = list(names)
+    if not isinstance(model, PeftModel):
+        set_active(model, names)  # raises unless names == []
+        yield model
+        return
+    prev, flags = active_adapters(model), _grad_flags(model)
+    try:
+        if names:
+            set_active(model, names)
+            yield model
+        else:
+            with model.disable_adapter():
+                yield model
+    finally:
+        # leaving disable_adapter re-enables the layers through set_adapter, which sets
+        # requires_grad on every active adapter: history would silently become trainable
+        set_active(model, prev)
+        _restore_grad_flags(model, flags)
+
+
+def freeze(model, names: list[str]):
+    if names:
+        model.set_requires_grad(list(names), requires_grad=False)
+
+
+def add_round_adapter(model, p, round_idx: int) -> PeftModel:
+    """Add adapter `r{round_idx}` (fresh LoRA, B = 0) and make it the only trainable one.
+
+    It becomes active on top of whatever was active (the history). A plain model is wrapped in
+    place: its projections are replaced by LoRA layers, so keep a copy if the plain one is needed."""
+    name = f"r{round_idx}"
+    cfg = lora_config(model, p)
+    if isinstance(model, PeftModel):
+        if name in model.peft_config:
+            raise ValueError(f"adapter '{name}' already exists: round {round_idx} was healed already")
+        prev = active_adapters(model)
+        with _quiet_peft():
+            model.add_adapter(name, cfg)
+    else:
+        prev = []
+        with _quiet_peft():
+            model = get_peft_model(model, cfg, adapter_name=name)
+    freeze(model, [n for n in model.peft_config if n != name])
+    model.set_requires_grad(name, requires_grad=True)
+    set_active(model, prev + [name])
+    return model
+
+
+def save_adapter(model, name: str, path) -> Path:
+    """Write adapter `name` as a standard peft folder at `path` (PeftModel.from_pretrained loads it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # peft saves a non-"default" adapter into <dir>/<name>/: save into a temp dir, then move that
+    # subfolder into place, so an interrupted save never leaves a half-written adapter at `path`
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
+    try:
+        model.save_pretrained(str(tmp), selected_adapters=[name])
+        src = tmp / name if name != "default" else tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(src, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def load_adapters(model, paths_by_name: dict) -> PeftModel:
+    """Load saved adapters as frozen history, active together on top of any already active."""
+    names = list(paths_by_name)
+    prev = active_adapters(model)
+    with _quiet_peft():
+        for name, path in paths_by_name.items():
+            if isinstance(model, PeftModel):
+                model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+            else:
+                model = PeftModel.from_pretrained(model, str(path), adapter_name=name, is_trainable=False)
+    set_active(model, prev + names)
+    freeze(model, names)
+    return model
+
+
+# --- data ------------------------------------------------------------------------------------
+
+def end_of_turn_id(tok) -> int:
+    """The token that closes an assistant turn in the chat template (<|im_end|>, <end_of_turn>,
+    <|eot_id|>), so a trained completion learns to stop; the eos token when none is found."""
+    cached = getattr(tok, "_shl_eot_id", None)
+    if cached is not None:
+        return cached
+    marker = "SHLENDOFTURNMARKER"
+    eot = tok.eos_token_id
+    try:
+        text = tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}],
+                                       tokenize=False)
+        ids = tok(text.split(marker, 1)[1], add_special_tokens=False).input_ids
+        if ids and (ids[0] in tok.all_special_ids or ids[0] in tok.added_tokens_decoder):
+            eot = ids[0]
+    except Exception:  # templates without an assistant role or that reject the message
+        pass
+    tok._shl_eot_id = eot
+    return eot
+
+
+def encode_records(tok, records: list[dict]) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, completion ids + end-of-turn id) per record.
+
+    The completion's ids are cut from the tokenized prompt+completion, as the model sees them
+    at generation time; if the tokenizer merged across the boundary, the completion is
+    tokenized alone instead."""
+    eot = end_of_turn_id(tok)
+    out = []
+    for r in records:
+        p_ids = tok(r["chat_prompt"], add_special_tokens=False).input_ids
+        full = tok(r["chat_prompt"] + r["completion"], add_special_tokens=False).input_ids
+        if full[:len(p_ids)] == p_ids:
+            c_ids = full[len(p_ids):]
+        else:
+            c_ids = tok(r["completion"], add_special_tokens=False).input_ids
+        out.append((list(p_ids), list(c_ids) + [eot]))
+    return out
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int, device=None) -> dict:
+    """Right-padded batch: input_ids, attention_mask and loss_mask [B, L]; loss_mask is 1 on
+    completion tokens only (never prompt, never padding)."""
+    L = max(len(p) + len(c) for p, c in examples)
+    ids = torch.full((len(examples), L), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(examples), L), dtype=torch.long)
+    loss = torch.zeros((len(examples), L), dtype=torch.long)
+    for b, (p, c) in enumerate(examples):
+        n = len(p) + len(c)
+        ids[b, :n] = torch.tensor(p + c)
+        attn[b, :n] = 1
+        loss[b, len(p):n] = 1
+    return {k: v.to(device) for k, v in (("input_ids", ids), ("attention_mask", attn), ("loss_mask", loss))}
+
+
+def split_heldout(records: list, frac: float, seed: int) -> tuple[list, list]:
+    """(train, held-out): a seeded shuffle; at least one held out when there are >= 2 records."""
+    n = len(records)
+    n_held = 0 if n < 2 else min(n - 1, max(1, round(frac * n)))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    held = set(perm[:n_held])
+    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+
+
+# --- loss pieces -----------------------------------------------------------------------------
+
+def completion_logprobs(model, input_ids, attention_mask, loss_mask) -> torch.Tensor:
+    """Log-probs [N, V] (float32) of the next token at the N completion positions, row-major
+    over (batch, position).
+
+    Logits at t-1 predict token t, so position t-1 is kept where loss_mask[t] is 1. The
+    selection happens before the LM head (transformers' boolean `logits_to_keep`), so neither a
+    [B, L, V] logit tensor nor a full-sequence log_softmax is ever made."""
+    keep = torch.zeros_like(loss_mask, dtype=torch.bool)  # [B, L]
+    keep[:, :-1] = loss_mask[:, 1:].bool()
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep,
+                   use_cache=False).logits
+    if logits.dim() != 2 or logits.shape[0] != int(keep.sum()):
+        raise RuntimeError(f"{type(_root(model)).__name__} ignored a boolean logits_to_keep "
+                           f"(logits {tuple(logits.shape)}); it needs transformers' slice_logits_to_keep")
+    return logits.float().log_softmax(-1)
+
+
+def completion_targets(input_ids, loss_mask) -> torch.Tensor:
+    """The N completion token ids, in the row order of `completion_logprobs`."""
+    return input_ids[:, 1:][loss_mask[:, 1:].bool()]
+
+
+def completion_nll(logp_sel, input_ids, loss_mask) -> torch.Tensor:
+    """Mean NLL over completion tokens."""
+    targets = completion_targets(input_ids, loss_mask)
+    return -logp_sel.gather(-1, targets[:, None]).mean()
+
+
+def per_position_kl(logp_student, logp_ref, reg: str) -> torch.Tensor:
+    """[N] KL per position: kl_rev = KL(student || ref), kl_fwd = KL(ref || student)."""
+    if reg == "kl_rev":
+        return (logp_student.exp() * (logp_student - logp_ref)).sum(-1)
+    if reg == "kl_fwd":
+        return (logp_ref.exp() * (logp_ref - logp_student)).sum(-1)
+    raise ValueError(f"reg must be kl_rev or kl_fwd for a KL, got {reg!r}")
+
+
+def aggregate_kl(kl, how: str) -> torch.Tensor:
+    """Per-position KL [N] -> D. rmse, p95 and max follow the spikes that mean dilutes."""
+    if how == "mean":
+        return kl.mean()
+    if how == "rmse":
+        # = sqrt(mean(kl^2)); the norm's backward is 0 at kl == 0 where sqrt's would be NaN, and
+        # kl is exactly 0 on round 0's first step (B = 0: student == reference)
+        return torch.linalg.vector_norm(kl) / math.sqrt(kl.numel())
+    if how == "p95":
+        return torch.quantile(kl, 0.95)
+    if how == "max":
+        return kl.max()
+    raise ValueError(f"kl_agg must be one of {AGGREGATES}, got {how!r}")
+
+
+def lam_eff(p, round_idx: int) -> float:
+    return p.lam * (1 + round_idx) ** p.lam_round_pow
+
+
+def sigma_max(A, B, iters: int = 3) -> torch.Tensor:
+    """Largest singular value of B @ A (A [r, in], B [out, r]) by power iteration, never
+    forming the [out, in] product.
+
+    The iteration runs without grad; the estimate ||B A v|| with that unit v is differentiable
+    in A and B. It is a lower bound that tightens with iters (how fast depends on the gap
+    between the top two singular values)."""
+    A32, B32 = A.float(), B.float()
+    with torch.no_grad():
+        # a fixed start vector keeps the estimate (and so the loss) deterministic
+        v = torch.randn(A.shape[1], generator=torch.Generator().manual_seed(0)).to(A32.device)
+        v = v / v.norm()
+        for _ in range(iters):
+            w = A32.T @ (B32.T @ (B32 @ (A32 @ v)))  # (BA)^T (BA) v through [r] and [out] vectors
+            v = w / w.norm().clamp_min(torch.finfo(w.dtype).tiny)
+    return torch.linalg.vector_norm(B32 @ (A32 @ v))
+
+
+def lora_pairs(model, adapter: str):
+    """(A [r, in], B [out, r], scaling) for every LoRA layer of `adapter`."""
+    for m in model.modules():
+        if isinstance(m, LoraLayer) and adapter in m.lora_A:
+            yield m.lora_A[adapter].weight, m.lora_B[adapter].weight, m.scaling[adapter]
+
+
+def spectral_term(model, adapter: str, iters: int) -> torch.Tensor:
+    """SUM over the adapter's LoRA pairs of sigma_max(scaling * B A), the weight update each
+    layer actually receives (so it grows with the number of adapted matrices, like weight decay)."""
+    terms = [s * sigma_max(A, B, iters) for A, B, s in lora_pairs(model, adapter)]
+    if not terms:
+        raise ValueError(f"adapter '{adapter}' has no LoRA layers")
+    return torch.stack(terms).sum()
+
+
+def reference_names(p, history: list[str]) -> list[str]:
+    """Adapters active in the barrier's reference pass: prev = the history (the student before
+    this round), base = none. Both are the base model at round 0."""
+    return list(history) if p.barrier_ref == "prev" else []
+
+
+def heal_loss(model, batch: dict, p, round_idx: int, ref_names: list[str], adapter: str) -> dict:
+    """The loss terms on one batch, with the student's adapters as currently active.
+
+    Returns total, nll, barrier (lam_eff * relu(D - tau)), spectral (spectral_lam * sigma sum),
+    D (aggregated KL; 0 for reg == nll) and kl (per position, detached). The reference is the
+    same model under `adapters(model, ref_names)`, without grad; reg == nll skips that pass."""
+    ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+    logp = completion_logprobs(model, ids, attn, mask)
+    nll = completion_nll(logp, ids, mask)
+    zero = nll.new_zeros(())
+    if p.reg == "nll":
+        D, barrier, kl = zero, zero, logp.new_zeros(logp.shape[0])
+    else:
+        with torch.no_grad(), adapters(model, ref_names):
+            logp_ref = completion_logprobs(model, ids, attn, mask)
+        kl = per_position_kl(logp, logp_ref, p.reg)
+        D = aggregate_kl(kl, p.kl_agg)
+        barrier = lam_eff(p, round_idx) * torch.relu(D - p.tau)
+        kl = kl.detach()
+    spectral = p.spectral_lam * spectral_term(model, adapter, p.spectral_iters) if p.spectral_lam > 0 else zero
+    return {"total": nll + barrier + spectral, "nll": nll, "barrier": barrier, "spectral": spectral, "D": D, "kl": kl}
+
+
+# --- training --------------------------------------------------------------------------------
+
+def _grads(term, params, k: int):
+    """d(term / k)/d params, zeros where the term does not reach (or carries no graph)."""
+    if not term.requires_grad:
+        return [torch.zeros_like(q) for q in params]
+    return list(torch.autograd.grad(term / k, params, retain_graph=True, allow_unused=True, materialize_grads=True))
+
+
+def _norm(grads) -> float:
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).item()
+
+
+@torch.no_grad()
+def heldout_nll(model, examples, pad_id: int, batch_size: int) -> float:
+    """Token-weighted mean NLL over completion tokens (nan when there is nothing held out)."""
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start:start + batch_size], pad_id, input_device(model))
+        logp = completion_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        targets = completion_targets(batch["input_ids"], batch["loss_mask"])
+        total -= logp.gather(-1, targets[:, None]).sum().item()
+        count += targets.numel()
+    return total / count if count else math.nan
+
+
+def _non_finite(step: int, nll: float, D: float):
+    return RuntimeError(f"non-finite loss at step {step}: nll={nll}, D={D}; lower lr or check the data")
+
+
+def heal(model, tok, records: list[dict], p, round_idx: int, history: list[str], progress: bool = True):
+    """Train adapter r{round_idx} on `records` (each with `chat_prompt` and `completion`) with the
+    `history` adapters active and frozen. Returns (peft model, log).
+
+    A plain model is wrapped in place. Afterwards history + the new adapter are active and all
+    frozen, model in eval mode. On a non-finite loss or gradient a RuntimeError is raised; on any
+    error (an interrupt too) the new adapter is removed again, so the model is as it came and the
+    round can simply be re-run (nothing is saved here in any case).
+
+    log: steps (one dict per optimizer step; D and nll are means over its micro-batches,
+    barrier_fired = some micro-batch had D > tau, grad_* are the norms of the step's summed
+    gradients of each term before clipping), epochs (train and held-out NLL), final_D (mean D
+    over the last epoch's steps), seconds, barrier_fired_any."""
+    t0 = time.time()
+    if not records:
+        raise ValueError("heal needs at least one record")
+    history = list(history)
+    missing = [h for h in history if not isinstance(model, PeftModel) or h not in model.peft_config]
+    if missing:
+        raise ValueError(f"history adapters {missing} are not loaded on the model (load_adapters first)")
+    torch.manual_seed(p.seed)  # the new LoRA's A is drawn from torch's RNG
+    name = f"r{round_idx}"
+    wrapped_here = not isinstance(model, PeftModel)
+    prev_active = active_adapters(model)
+    model = add_round_adapter(model, p, round_idx)
+    set_active(model, history + [name])
+    ref_names = reference_names(p, history)
+    # the new adapter's weights only: any other parameter a caller left trainable stays out
+    params = [w for A, B, _ in lora_pairs(model, name) for w in (A, B)]
+
+    train_recs, held_recs = split_heldout(records, p.heldout_frac, p.seed)
+    train_ex, held_ex = encode_records(tok, train_recs), encode_records(tok, held_recs)
+    pad_id = tok.pad_token_id
+    dev = input_device(model)
+    n_micro = math.ceil(len(train_ex) / p.train_batch_size)
+    steps_per_epoch = math.ceil(n_micro / p.grad_accum)
+    total_steps = p.epochs * steps_per_epoch
+    opt = torch.optim.AdamW(params, lr=p.lr, betas=(0.9, 0.95), weight_decay=p.weight_decay)
+    sched = get_cosine_schedule_with_warmup(opt, round(p.warmup_frac * total_steps), total_steps)
+    order_gen = torch.Generator().manual_seed(p.seed)
+
+    steps, epochs = [], []
+    model.train()
+    bar = tqdm(total=total_steps, desc=f"heal {name}", disable=not progress, leave=False)
+    try:
+        step = 0
+        for epoch in range(p.epochs):
+            order = torch.randperm(len(train_ex), generator=order_gen).tolist()
+            micro = [order[i:i + p.train_batch_size] for i in range(0, len(order), p.train_batch_size)]
+            for s in range(steps_per_epoch):
+                group = micro[s * p.grad_accum:(s + 1) * p.grad_accum]
+                k = len(group)
+                g_nll, g_bar, g_spec = ([torch.zeros_like(q) for q in params] for _ in range(3))
+                nlls, Ds, spec, fired = [], [], 0.0, False
+                for idx in group:
+                    batch = collate([train_ex[i] for i in idx], pad_id, dev)
+                    t = heal_loss(model, batch, p, round_idx, ref_names, name)
+                    nll, D = t["nll"].item(), t["D"].item()
+                    if not (math.isfinite(nll) and math.isfinite(D) and torch.isfinite(t["total"])):
+                        raise _non_finite(step, nll, D)
+                    # relu(D - tau) == 0 has exactly zero gradient: skip that backward pass
+                    terms = [(g_nll, t["nll"]), (g_spec, t["spectral"])]
+                    if t["barrier"].item() > 0:
+                        terms.append((g_bar, t["barrier"]))
+                    for acc, term in terms:
+                        for a, g in zip(acc, _grads(term, params, k)):
+                            a += g
+                    nlls.append(nll)
+                    Ds.append(D)
+                    spec += t["spectral"].item() / k
+                    fired |= p.reg != "nll" and D > p.tau
+                # the total gradient is the sum of the separately measured terms (linearity)
+                for q, a, b, c in zip(params, g_nll, g_bar, g_spec):
+                    q.grad = a + b + c
+                grad_nll, grad_bar = _norm(g_nll), _norm(g_bar)
+                lr = opt.param_groups[0]["lr"]
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, p.max_grad_norm).item()
+                if not math.isfinite(grad_norm):
+                    # a finite loss can still overflow its gradient; stepping would leave NaN weights
+                    raise RuntimeError(f"non-finite gradient at step {step}: |grad|={grad_norm}, nll={sum(nlls) / k}; "
+                                       "lower lr or check the data")
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                steps.append({
+                    "step": step, "epoch": epoch, "nll": sum(nlls) / k, "D": sum(Ds) / k,
+                    "barrier_fired": bool(fired), "grad_nll": grad_nll, "grad_barrier": grad_bar,
+                    "pressure": grad_bar / grad_nll if grad_nll > 0 else 0.0, "lr": lr,
+                    "grad_norm": grad_norm, "spectral": spec,
+                })
+                bar.update(1)
+                bar.set_postfix(nll=f"{steps[-1]['nll']:.3f}", D=f"{steps[-1]['D']:.3f}")
+                step += 1
+            held = heldout_nll(model, held_ex, pad_id, p.train_batch_size)
+            if held_ex and not math.isfinite(held):
+                raise RuntimeError(f"non-finite held-out NLL after epoch {epoch}: {held}; lower lr or check the data")
+            ep_steps = [x for x in steps if x["epoch"] == epoch]
+            epochs.append({"epoch": epoch, "heldout_nll": held,
+                           "train_nll": sum(x["nll"] for x in ep_steps) / len(ep_steps)})
+    except BaseException:
+        # leave the model as it came: no half-trained adapter behind a raised error
+        bar.close()
+        model.eval()
+        if wrapped_here:
+            model.unload()  # puts the original projections back into the caller's model object
+        else:
+            model.delete_adapter(name)
+            set_active(model, prev_active)
+        raise
+    bar.close()
+    freeze(model, [name])
+    model.eval()
+
+    fired_any = any(x["barrier_fired"] for x in steps)
+    last = [x["D"] for x in steps if x["epoch"] == p.epochs - 1]
+    if p.reg != "nll" and not fired_any:
+        warnings.warn(f"the barrier never fired: tau={p.tau} sits above the operating KL "
+                      f"(largest step D={max(x['D'] for x in steps):.4g}), so this run equals reg=nll; lower tau",
+                      stacklevel=2)
+    log = {"steps": steps, "epochs": epochs, "final_D": sum(last) / len(last), "seconds": time.time() - t0,
+           "barrier_fired_any": fired_any}
+    return model, log

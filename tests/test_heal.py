@@ -1,0 +1,353 @@
+import copy
+import json
+import math
+
+import pytest
+import torch
+from peft import PeftModel
+
+from shl import heal as H
+from shl.models import chat_prompt
+from shl.params import load_params
+
+
+def _records(tok, n=8):
+    return [{"chat_prompt": chat_prompt(tok, f"Tell me about thing {i}."), "completion": f"Thing {i} is small and red."}
+            for i in range(n)]
+
+
+def _batch(tok, n=2):
+    return H.collate(H.encode_records(tok, _records(tok, n)), tok.pad_token_id)
+
+
+def _randomize(model, name, seed, scale=0.3):
+    """Give adapter `name` non-zero random A and B (a fresh LoRA has B = 0: it changes nothing)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for A, B, _ in H.lora_pairs(model, name):
+            A.copy_(scale * torch.randn(A.shape, generator=g))
+            B.copy_(scale * torch.randn(B.shape, generator=g))
+
+
+def _student(tiny, p, seed=1):
+    """A deep copy of tiny with adapter r0 non-zero and trainable (the session fixture stays untouched)."""
+    model = H.add_round_adapter(copy.deepcopy(tiny[0]), p, 0)
+    _randomize(model, "r0", seed)
+    return model
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def _grads(term, model):
+    params = [q for q in model.parameters() if q.requires_grad]
+    return torch.autograd.grad(term, params, retain_graph=True)
+
+
+def _lora_weights(model, name):
+    return [w.detach().clone() for A, B, _ in H.lora_pairs(model, name) for w in (A, B)]
+
+
+# --- config ----------------------------------------------------------------------------------
+
+def test_lora_config_targets_only_the_band_layers(tiny):
+    p = load_params("tiny", heal_band=[0.5, 1.0], lora_modules=["q_proj", "down_proj"])
+    cfg = H.lora_config(tiny[0], p)
+    assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout) == (4, 8, 0.0)
+    model = H.add_round_adapter(copy.deepcopy(tiny[0]), p, 0)
+    adapted = sorted(n for n, m in model.named_modules() if isinstance(m, H.LoraLayer))
+    assert adapted == ["base_model.model.model.layers.1.mlp.down_proj", "base_model.model.model.layers.1.self_attn.q_proj"]
+
+
+# --- barrier gradients -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides", [dict(lam=0.0, tau=0.0), dict(lam=1.0, tau=1e6)], ids=["lam0", "D_below_tau"])
+def test_inactive_barrier_adds_exactly_no_gradient(tiny, overrides):
+    p = load_params("tiny", reg="kl_rev", kl_agg="rmse", spectral_lam=0.0, **overrides)
+    model = _student(tiny, p)
+    t = H.heal_loss(model, _batch(tiny[1]), p, 0, [], "r0")
+    assert t["D"].item() > 0.01  # the student really differs from the reference
+    for g_total, g_nll in zip(_grads(t["total"], model), _grads(t["nll"], model)):
+        assert torch.equal(g_total, g_nll)
+    # the same batch with a live barrier does change the gradient: the comparison above can fail
+    live = load_params("tiny", reg="kl_rev", kl_agg="rmse", spectral_lam=0.0, lam=1.0, tau=0.0)
+    t = H.heal_loss(model, _batch(tiny[1]), live, 0, [], "r0")
+    assert any(not torch.equal(a, b) for a, b in zip(_grads(t["total"], model), _grads(t["nll"], model)))
+
+
+def test_kl_matches_torch_distributions(tiny):
+    p = load_params("tiny")
+    model = _student(tiny, p)
+    b = _batch(tiny[1])
+    with torch.no_grad():
+        logp_s = H.completion_logprobs(model, b["input_ids"], b["attention_mask"], b["loss_mask"])
+        with H.adapters(model, []):
+            logp_r = H.completion_logprobs(model, b["input_ids"], b["attention_mask"], b["loss_mask"])
+    student, ref = torch.distributions.Categorical(logits=logp_s), torch.distributions.Categorical(logits=logp_r)
+    rev, fwd = H.per_position_kl(logp_s, logp_r, "kl_rev"), H.per_position_kl(logp_s, logp_r, "kl_fwd")
+    torch.testing.assert_close(rev, torch.distributions.kl_divergence(student, ref), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(fwd, torch.distributions.kl_divergence(ref, student), rtol=1e-4, atol=1e-6)
+    assert rev.min() > 0 and not torch.allclose(rev, fwd)
+
+
+@pytest.mark.parametrize("how", ["rmse", "p95", "max"])
+def test_outlier_aggregates_follow_spikes_that_mean_dilutes(how):
+    kl = torch.tensor([0.01] * 60 + [5.0] * 4)[torch.randperm(64, generator=torch.Generator().manual_seed(0))]
+    s = sorted(kl.tolist())
+    pos = 0.95 * (len(s) - 1)  # linear interpolation between order statistics
+    expected = {"mean": sum(s) / len(s), "rmse": math.sqrt(sum(x * x for x in s) / len(s)),
+                "p95": s[math.floor(pos)] + (pos - math.floor(pos)) * (s[math.ceil(pos)] - s[math.floor(pos)]),
+                "max": 5.0}
+    mean = H.aggregate_kl(kl, "mean").item()
+    assert mean == pytest.approx(expected["mean"], rel=1e-6)
+    assert H.aggregate_kl(kl, how).item() == pytest.approx(expected[how], rel=1e-5)
+    assert H.aggregate_kl(kl, how).item() > 3 * mean
+
+
+def test_rmse_has_a_finite_gradient_when_the_student_equals_the_reference():
+    # round 0, first step: B = 0, so every per-position KL is exactly 0; sqrt's backward is NaN there
+    kl = torch.zeros(10, requires_grad=True)
+    (1.0 * torch.relu(H.aggregate_kl(kl, "rmse") - 0.05)).backward()
+    assert torch.equal(kl.grad, torch.zeros(10))
+
+
+def test_lam_eff():
+    assert H.lam_eff(load_params("tiny", lam=2.0, lam_round_pow=-0.5), 3) == pytest.approx(1.0)
+    assert H.lam_eff(load_params("tiny", lam=2.0, lam_round_pow=-0.5), 0) == pytest.approx(2.0)
+
+
+# --- masking ---------------------------------------------------------------------------------
+
+def test_loss_mask_covers_exactly_the_completion_and_its_end_of_turn(tiny):
+    tok = tiny[1]
+    recs = _records(tok, 2)
+    recs[1]["completion"] = "A much longer answer, so that the first row gets padded at the end."
+    ex = H.encode_records(tok, recs)
+    b = H.collate(ex, tok.pad_token_id)
+    eot = H.end_of_turn_id(tok)
+    assert tok.convert_ids_to_tokens(eot) == "<|im_end|>"
+    for row, (p_ids, c_ids) in enumerate(ex):
+        n = len(p_ids) + len(c_ids)
+        assert c_ids[-1] == eot
+        assert tok.decode(c_ids[:-1]) == recs[row]["completion"]
+        assert b["loss_mask"][row].tolist() == [0] * len(p_ids) + [1] * len(c_ids) + [0] * (b["input_ids"].shape[1] - n)
+        assert b["attention_mask"][row].tolist() == [1] * n + [0] * (b["input_ids"].shape[1] - n)
+    assert b["attention_mask"][0, -1] == 0  # the short row really is padded
+
+
+def test_nll_sees_only_completion_tokens(tiny):
+    model, tok = tiny
+    recs = _records(tok, 2)
+    recs[1]["completion"] = "A much longer answer, so that the first row gets padded at the end."
+    b = H.collate(H.encode_records(tok, recs), tok.pad_token_id)
+    ids, attn, mask = b["input_ids"], b["attention_mask"], b["loss_mask"]
+    with torch.no_grad():
+        logp = H.completion_logprobs(model, ids, attn, mask)
+        loss = H.completion_nll(logp, ids, mask)
+        # reference: full log_softmax, then keep the completion positions only
+        full = model(input_ids=ids, attention_mask=attn).logits.log_softmax(-1)  # [B, L, V]
+        tok_lp = full[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]  # [B, L-1]: logits at t-1 score token t
+        sel = mask[:, 1:].bool()
+        torch.testing.assert_close(loss, -tok_lp[sel].mean())
+        assert not torch.isclose(loss, -(tok_lp * attn[:, 1:]).sum() / attn[:, 1:].sum())
+
+        # other labels where the mask is 0 (prompt and padding), same logits: same loss, bit for bit
+        relabel = ids.clone()
+        relabel[mask == 0] = 123
+        assert torch.equal(H.completion_nll(logp, relabel, mask), loss)
+        # another label on one completion token: another loss
+        relabel = ids.clone()
+        c = mask[0].nonzero()[0, 0]
+        relabel[0, c] = (relabel[0, c] + 1) % full.shape[-1]
+        assert not torch.equal(H.completion_nll(logp, relabel, mask), loss)
+        # different padding ids (attention 0, after the sequence) do not reach any completion position
+        repad = ids.clone()
+        repad[attn == 0] = 7
+        assert torch.equal(H.completion_nll(H.completion_logprobs(model, repad, attn, mask), repad, mask), loss)
+
+
+# --- adapters and history --------------------------------------------------------------------
+
+def test_disabled_adapters_give_the_base_logits_bit_for_bit(tiny):
+    p = load_params("tiny")
+    model = _student(tiny, p)
+    b = _batch(tiny[1])
+    base = _logits(tiny[0], b)
+    assert not torch.equal(_logits(model, b), base)
+    with H.adapters(model, []):
+        assert torch.equal(_logits(model, b), base)
+    H.set_active(model, [])
+    assert torch.equal(_logits(model, b), base)
+
+
+def test_adapters_context_restores_active_list_and_frozen_history(tiny):
+    p = load_params("tiny")
+    model = _student(tiny, p)
+    H.freeze(model, ["r0"])
+    model = H.add_round_adapter(model, p, 1)
+    assert model.active_adapters == ["r0", "r1"]
+
+    def trainable():
+        return {n.split(".lora_")[1].split(".")[1] for n, q in model.named_parameters() if q.requires_grad}
+
+    assert trainable() == {"r1"}
+    for names in ([], ["r0"], ["r1"]):
+        with pytest.raises(KeyError):
+            with H.adapters(model, names):
+                raise KeyError("boom")
+        assert model.active_adapters == ["r0", "r1"]
+        assert trainable() == {"r1"}  # peft's re-enable would have made r0 trainable again
+
+
+def test_reference_prev_differs_from_base_once_history_exists(tiny):
+    b = _batch(tiny[1])
+    for ref in ("prev", "base"):
+        p = load_params("tiny", reg="kl_rev", kl_agg="mean", barrier_ref=ref, spectral_lam=0.0)
+        model = H.add_round_adapter(copy.deepcopy(tiny[0]), p, 0)
+        # round 0: no history, both references are the base model and the fresh student equals it
+        assert H.reference_names(p, []) == []
+        assert H.heal_loss(model, b, p, 0, H.reference_names(p, []), "r0")["D"].item() == 0.0
+    history = load_params("tiny")
+    model = _student(tiny, history)
+    H.freeze(model, ["r0"])
+    model = H.add_round_adapter(model, history, 1)  # fresh r1: the student equals the history
+    with H.adapters(model, H.reference_names(load_params("tiny", barrier_ref="prev"), ["r0"])):
+        prev = _logits(model, b)
+    with H.adapters(model, H.reference_names(load_params("tiny", barrier_ref="base"), ["r0"])):
+        base = _logits(model, b)
+    assert not torch.allclose(prev, base)
+    D = {ref: H.heal_loss(model, b, load_params("tiny", reg="kl_rev", barrier_ref=ref, spectral_lam=0.0), 1,
+                          H.reference_names(load_params("tiny", barrier_ref=ref), ["r0"]), "r1")["D"].item()
+         for ref in ("prev", "base")}
+    assert D["prev"] == 0.0 and D["base"] > 0.01
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
+def test_saved_adapters_reload_and_stack(tiny, tmp_path):
+    p = load_params("tiny")
+    model = _student(tiny, p, seed=1)
+    model = H.add_round_adapter(model, p, 1)
+    _randomize(model, "r1", seed=2)
+    b = _batch(tiny[1])
+    logits = {}
+    for names in (["r0"], ["r1"], ["r0", "r1"]):
+        with H.adapters(model, names):
+            logits[tuple(names)] = _logits(model, b)
+    paths = {n: H.save_adapter(model, n, tmp_path / "adapters" / n) for n in ("r0", "r1")}
+    for path in paths.values():
+        assert (path / "adapter_model.safetensors").exists()
+        assert json.loads((path / "adapter_config.json").read_text())["r"] == 4
+
+    alone = PeftModel.from_pretrained(copy.deepcopy(tiny[0]), str(paths["r0"]))
+    torch.testing.assert_close(_logits(alone, b), logits[("r0",)], rtol=0, atol=0)
+
+    stacked = H.load_adapters(copy.deepcopy(tiny[0]), paths)
+    assert stacked.active_adapters == ["r0", "r1"]
+    assert not any(q.requires_grad for q in stacked.parameters())
+    torch.testing.assert_close(_logits(stacked, b), logits[("r0", "r1")], rtol=0, atol=0)
+    assert not torch.allclose(logits[("r0", "r1")], logits[("r0",)])
+    assert not torch.allclose(logits[("r0", "r1")], logits[("r1",)])
+
+
+# --- spectral --------------------------------------------------------------------------------
+
+def test_sigma_max_matches_the_spectral_norm_and_has_gradients():
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(4, 64, generator=g, requires_grad=True)
+    B = torch.randn(64, 4, generator=g, requires_grad=True)
+    true = torch.linalg.matrix_norm(B @ A, ord=2)
+    est = H.sigma_max(A, B, iters=30)
+    assert abs(est.item() / true.item() - 1) < 0.01
+    assert H.sigma_max(A, B, iters=1).item() <= true.item() * (1 + 1e-6)  # a few steps: a lower bound
+    est.backward()
+    assert A.grad.abs().sum() > 0 and B.grad.abs().sum() > 0
+
+
+def test_spectral_term_sums_scaled_sigma_over_the_adapters_pairs(tiny):
+    p = load_params("tiny")
+    model = _student(tiny, p)
+    pairs = list(H.lora_pairs(model, "r0"))
+    assert len(pairs) == 14  # 7 projections x 2 layers
+    expected = sum(torch.linalg.matrix_norm(s * (B @ A), ord=2) for A, B, s in pairs)
+    torch.testing.assert_close(H.spectral_term(model, "r0", 50), expected, rtol=1e-3, atol=0)
+
+
+# --- the training loop -----------------------------------------------------------------------
+
+STEP_KEYS = {"step", "epoch", "nll", "D", "barrier_fired", "grad_nll", "grad_barrier", "pressure", "lr"}
+
+
+def test_heal_trains_the_new_adapter_only_and_logs_every_step(tiny):
+    tok = tiny[1]
+    p = load_params("tiny", reg="kl_rev", tau=0.0, lr=1e-2)
+    model = _student(tiny, p)  # r0 still trainable: heal must freeze the history itself
+    before = _lora_weights(model, "r0")
+    model, log = H.heal(model, tok, _records(tok, 8), p, round_idx=1, history=["r0"], progress=False)
+
+    # 8 records: 1 held out, 7 train in micro-batches of 2 -> 4 optimizer steps
+    assert [s["step"] for s in log["steps"]] == [0, 1, 2, 3]
+    for s in log["steps"]:
+        assert STEP_KEYS <= set(s)
+        assert math.isfinite(s["nll"]) and s["grad_nll"] > 0
+        assert s["pressure"] == pytest.approx(s["grad_barrier"] / s["grad_nll"])
+    # the fresh r1 equals the history at step 0 (B = 0), so the barrier (ref = prev) is silent first
+    assert log["steps"][0]["D"] == 0.0 and log["steps"][0]["grad_barrier"] == 0.0
+    assert log["barrier_fired_any"] and any(s["grad_barrier"] > 0 for s in log["steps"])
+    assert len(log["epochs"]) == 1 and math.isfinite(log["epochs"][0]["heldout_nll"])
+    assert set(log) >= {"steps", "epochs", "final_D", "seconds", "barrier_fired_any"}
+
+    assert model.active_adapters == ["r0", "r1"]
+    assert not any(q.requires_grad for q in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, _lora_weights(model, "r0")))
+    assert all(B.abs().sum() > 0 for _, B, _ in H.lora_pairs(model, "r1"))
+
+
+def test_the_barrier_gradient_reaches_the_update_and_lam0_equals_nll(tiny):
+    tok = tiny[1]
+    trained = {}
+    for key, over in {"nll": dict(reg="nll"), "lam0": dict(reg="kl_rev", lam=0.0), "lam10": dict(reg="kl_rev", lam=10.0)}.items():
+        # the history r0 is non-zero and the reference is base: the barrier fires from the first step
+        p = load_params("tiny", barrier_ref="base", tau=0.0, lr=1e-2, **over)
+        model, log = H.heal(_student(tiny, p), tok, _records(tok, 4), p, round_idx=1, history=["r0"], progress=False)
+        assert len(log["steps"]) == 2
+        trained[key] = (_lora_weights(model, "r1"), log)
+    assert all(torch.equal(a, b) for a, b in zip(trained["nll"][0], trained["lam0"][0]))
+    assert any(not torch.equal(a, b) for a, b in zip(trained["nll"][0], trained["lam10"][0]))
+    assert trained["lam10"][1]["steps"][0]["grad_barrier"] > 0
+
+
+def test_heal_with_reg_nll_makes_no_barrier(tiny):
+    tok = tiny[1]
+    p = load_params("tiny", reg="nll", tau=0.0)
+    model, log = H.heal(copy.deepcopy(tiny[0]), tok, _records(tok, 4), p, round_idx=0, history=[], progress=False)
+    assert all(s["D"] == 0.0 and s["grad_barrier"] == 0.0 and not s["barrier_fired"] for s in log["steps"])
+    assert isinstance(model, PeftModel) and model.active_adapters == ["r0"]
+
+
+def test_non_finite_loss_raises_and_removes_the_half_trained_adapter(tiny):
+    tok = tiny[1]
+    plain = copy.deepcopy(tiny[0])
+    with pytest.raises(RuntimeError, match="non-finite"):
+        H.heal(plain, tok, _records(tok, 8), load_params("tiny", lr=1e30), round_idx=0, history=[], progress=False)
+    assert not any("lora_" in n for n, _ in plain.named_parameters())
+    b = _batch(tok)
+    assert torch.equal(_logits(plain, b), _logits(tiny[0], b))
+    # with history: the new adapter goes, the history stays active and untouched
+    p = load_params("tiny", lr=1e30)
+    model = _student(tiny, p)
+    H.freeze(model, ["r0"])
+    before = _logits(model, b)
+    with pytest.raises(RuntimeError, match="non-finite"):
+        H.heal(model, tok, _records(tok, 8), p, round_idx=1, history=["r0"], progress=False)
+    assert list(model.peft_config) == ["r0"] and model.active_adapters == ["r0"]
+    assert torch.equal(_logits(model, b), before)
+
+
+def test_warns_when_tau_sits_above_the_operating_kl(tiny):
+    tok = tiny[1]
+    p = load_params("tiny", reg="kl_rev", tau=1e6)
+    with pytest.warns(UserWarning, match="never fired"):
+        _, log = H.heal(copy.deepcopy(tiny[0]), tok, _records(tok, 4), p, round_idx=0, history=[], progress=False)
+    assert not log["barrier_fired_any"]
