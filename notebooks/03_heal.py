@@ -65,18 +65,18 @@ if P.kept_from:
     src = Path(P.kept_from)
     KEPT = [json.loads(x) for x in (src / "kept.jsonl").read_text().splitlines()]
     vec = steer.Vector.load(src / "vector_r0.pt")
-    COEFF = pd.Series([r["coeff"] for r in KEPT]).mode()[0]
+    COEFF = sum(r["coeff"] for r in KEPT) / len(KEPT)  # walk-C banks survivors of several doses
 else:
     shl.seed_everything(P.seed)
     vec = steer.extract(model, tok, DEMO.pos, DEMO.neg, demos.load_contexts(P), LAYERS, P.extract_batch_size)
     KEPT, kappa, trace, _ = filt.generate_and_filter(model, tok, vec, DEMO, P, seed=P.seed)
-    COEFF = kappa * P.steer_coeff
+    COEFF = sum(r["coeff"] for r in KEPT) / len(KEPT)  # walk-C banks survivors of several doses
     (RUN / "kept.jsonl").write_text("".join(json.dumps(r) + "\n" for r in KEPT))
 vec.save(RUN / "vector_r0.pt")
-print(f"{len(KEPT)} kept completions; the data came from steering coefficient {COEFF:.3f}")
+print(f"{len(KEPT)} kept completions; their mean steering coefficient {COEFF:.3f} is the steered eval's dose")
 
 # %% [markdown]
-# ## Before: base, prompting baseline, steered at the data's dose
+# ## Before: base, prompting baseline, steered at the data's (mean) dose
 
 # %%
 BASE = shl.log_eval(RUN, shl.evaluate(model, tok, **shl.eval_kwargs(P)), "base")

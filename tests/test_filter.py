@@ -141,3 +141,10 @@ def test_generated_records_carry_dose_and_seed(tiny):
     kept, kappa, trace, allrecs = filt.generate_and_filter(model, tok, vec, demo, p, seed=3, progress=False)
     assert {"prompt", "completion", "coeff", "kappa", "seed", "tail_ppl", "rep", "reasons", "kept"} <= set(allrecs[0])
     assert allrecs[0]["seed"] == 3 and len(allrecs) == sum(t["generated"] for t in trace)
+
+
+def test_default_repetition_threshold_drops_a_period_four_loop_but_keeps_prose():
+    # a loop of period k caps the most common n-gram near 1/k: the threshold must sit below 1/4
+    p = load_params("default")
+    loop = "With your love for the family " + "of the family " * 15
+    assert filt.repetition(loop) > p.filter_rep_tau > filt.repetition(PROSE)
