@@ -46,7 +46,9 @@ def _atomic_write(path: Path, text: str):
 def default_slug(p: Params, overrides: dict) -> str:
     """`<slug or model name>[_<key><value>...]` for the overrides, so a sweep gets one folder per point."""
     parts = [p.slug or p.model.rstrip("/").split("/")[-1]]
-    parts += [f"{k}{v}" for k, v in sorted(overrides.items()) if k != "slug"]
+    # a path-valued override (kept_from, contexts_file) is named by its last component
+    parts += [f"{k}{Path(v).name if isinstance(v, str) and '/' in v else v}"
+              for k, v in sorted(overrides.items()) if k != "slug"]
     return re.sub(r"[^A-Za-z0-9._=-]+", "-", "_".join(parts))[:120]
 
 

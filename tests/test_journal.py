@@ -72,3 +72,9 @@ def test_entry_keeps_the_researchers_findings_when_regenerated(tmp_path):
 def test_md_table_rounds_numbers():
     out = journal.md_table([{"a": 1.23456, "b": "x"}], ["a", "b"], digits=2)
     assert out.splitlines() == ["| a | b |", "|---|---|", "| 1.23 | x |"]
+
+
+def test_default_run_dir_names_a_path_override_by_its_last_component():
+    p = load_params("default", kept_from="journal/2026-01-01_02_generate_filter_x")
+    path = journal.default_run_dir("03_heal", p, {"kept_from": "journal/2026-01-01_02_generate_filter_x"})
+    assert path.name.endswith("_03_heal_smollm2-135m-instruct_kept_from2026-01-01_02_generate_filter_x")
