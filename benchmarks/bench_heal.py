@@ -5,7 +5,7 @@
 Same model (the embedded SmolLM2), same batch of prompt + completion sequences, LoRA r16 on the
 default heal band. Time per optimizer step (median of --steps after one warm-up) for both regs
 in this process; peak memory per variant measured in a fresh subprocess each (peak RSS over the
-RSS after set-up, so both carry the same model weights). Nothing gates on these numbers.
+RSS sampled every millisecond, over the RSS after set-up, so both carry the same weights). Nothing gates on these numbers.
 """
 
 import argparse
@@ -18,7 +18,30 @@ import time
 
 
 def rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Current resident set size (ru_maxrss is a lifetime peak, dominated by loading the model)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+class PeakRss:
+    """Sample RSS every millisecond in a thread; .peak is the highest seen."""
+
+    def __enter__(self):
+        import threading
+        self.peak, self._stop = rss_mb(), threading.Event()
+
+        def watch():
+            while not self._stop.is_set():
+                self.peak = max(self.peak, rss_mb())
+                self._stop.wait(0.001)
+        self._thread = threading.Thread(target=watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_mb())
 
 
 def setup(batch, tokens, **overrides):
@@ -45,19 +68,23 @@ def setup(batch, tokens, **overrides):
 
 
 def one_step(p, model, batch):
-    """What heal() does per micro-batch: the loss terms, a gradient per term, the summed update."""
+    """What heal() does per micro-batch: the loss terms, a gradient per term (or one of the total
+    with heal_grad_norms=False), the summed update."""
     from shl import heal
     params = [w for A, B, _ in heal.lora_pairs(model, "r0") for w in (A, B)]
     t = heal.heal_loss(model, batch, p, 0, [], "r0")
-    terms = [t["nll"], t["spectral"]] + ([t["barrier"]] if t["barrier"].item() > 0 else [])
+    if p.heal_grad_norms:
+        terms = [t["nll"], t["spectral"]] + ([t["barrier"]] if t["barrier"].item() > 0 else [])
+    else:
+        terms = [t["total"]]
     grads = [heal._grads(term, params, 1) for term in terms]
     for q, *gs in zip(params, *grads):
         q.grad = sum(gs)
     return t["D"].item()
 
 
-def time_steps(reg, batch, tokens, steps):
-    p, model, b = setup(batch, tokens, reg=reg, tau=0.0)
+def time_steps(reg, batch, tokens, steps, norms=True):
+    p, model, b = setup(batch, tokens, reg=reg, tau=0.0, heal_grad_norms=norms)
     one_step(p, model, b)  # warm-up
     times = []
     for _ in range(steps):
@@ -69,9 +96,16 @@ def time_steps(reg, batch, tokens, steps):
 
 def child(kind, batch, tokens):
     """Peak RSS of one step (kind: nll, kl_rev) or of the log-softmax alone (masked, full)."""
-    import torch
     p, model, b = setup(batch, tokens, reg="kl_rev" if kind in ("kl_rev", "masked", "full") else "nll", tau=0.0)
+    import gc
+    gc.collect()
     base = rss_mb()
+    with PeakRss() as peak:
+        work(kind, p, model, b)
+    print(json.dumps({"kind": kind, "peak_mb": peak.peak - base}))
+
+
+def work(kind, p, model, b):
     if kind in ("nll", "kl_rev"):
         one_step(p, model, b)
     else:
@@ -82,7 +116,6 @@ def child(kind, batch, tokens):
             logp = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float().log_softmax(-1)
             logp = logp[:, :-1][b["loss_mask"][:, 1:].bool()]
         logp.sum().backward()
-    print(json.dumps({"kind": kind, "peak_mb": rss_mb() - base}))
 
 
 def main():
@@ -96,8 +129,10 @@ def main():
         return child(args.child, args.batch, args.tokens)
     t_nll = time_steps("nll", args.batch, args.tokens, args.steps)
     t_kl = time_steps("kl_rev", args.batch, args.tokens, args.steps)
+    t_kl1 = time_steps("kl_rev", args.batch, args.tokens, args.steps, norms=False)
     print(f"step time (batch {args.batch} x ~{args.tokens} completion tokens): reg=nll {t_nll:.3f}s, "
-          f"reg=kl_rev {t_kl:.3f}s, overhead {t_kl / t_nll:.2f}x")
+          f"reg=kl_rev {t_kl:.3f}s (overhead {t_kl / t_nll:.2f}x) with the per-term gradient norms, "
+          f"{t_kl1:.3f}s (overhead {t_kl1 / t_nll:.2f}x) with heal_grad_norms=False")
     mem = {}
     for kind in ("nll", "kl_rev", "masked", "full"):
         out = subprocess.run([sys.executable, __file__, "--child", kind, "--batch", str(args.batch),

@@ -11,7 +11,8 @@ Loss per micro-batch = NLL (mean over completion tokens)
 Gradient norms in the log are exact per optimizer step: each micro-batch takes the gradient of
 the NLL term and of the barrier term separately (`torch.autograd.grad`), their sums over the
 step are what the log reports, and the total gradient is their sum (plus the spectral term's).
-That costs one extra backward pass per micro-batch while the barrier fires, none otherwise.
+That costs one extra backward pass per micro-batch while the barrier fires, none otherwise;
+`heal_grad_norms=False` skips the split (one backward of the total; the norms log as nan).
 """
 
 from __future__ import annotations
@@ -463,10 +464,13 @@ def heal(model, tok, records: list[dict], p, round_idx: int, history: list[str],
                     nll, D = t["nll"].item(), t["D"].item()
                     if not (math.isfinite(nll) and math.isfinite(D) and torch.isfinite(t["total"])):
                         raise _non_finite(step, nll, D)
-                    # relu(D - tau) == 0 has exactly zero gradient: skip that backward pass
-                    terms = [(g_nll, t["nll"]), (g_spec, t["spectral"])]
-                    if t["barrier"].item() > 0:
-                        terms.append((g_bar, t["barrier"]))
+                    if p.heal_grad_norms:
+                        # relu(D - tau) == 0 has exactly zero gradient: skip that backward pass
+                        terms = [(g_nll, t["nll"]), (g_spec, t["spectral"])]
+                        if t["barrier"].item() > 0:
+                            terms.append((g_bar, t["barrier"]))
+                    else:  # one backward pass of the total; the per-term norms are not measured
+                        terms = [(g_nll, t["total"])]
                     for acc, term in terms:
                         for a, g in zip(acc, _grads(term, params, k)):
                             a += g
@@ -477,7 +481,7 @@ def heal(model, tok, records: list[dict], p, round_idx: int, history: list[str],
                 # the total gradient is the sum of the separately measured terms (linearity)
                 for q, a, b, c in zip(params, g_nll, g_bar, g_spec):
                     q.grad = a + b + c
-                grad_nll, grad_bar = _norm(g_nll), _norm(g_bar)
+                grad_nll, grad_bar = (_norm(g_nll), _norm(g_bar)) if p.heal_grad_norms else (math.nan, math.nan)
                 lr = opt.param_groups[0]["lr"]
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, p.max_grad_norm).item()
                 if not math.isfinite(grad_norm):

@@ -110,6 +110,7 @@ class Params:
     warmup_frac: float = knob(0.1, "fraction of steps with linear warm-up before the cosine decay", lo=0, hi=1)
     max_grad_norm: float = knob(1.0, "gradient clipping norm", lo=0, lo_open=True)
     heldout_frac: float = knob(0.1, "fraction of kept completions held out for per-epoch NLL", lo=0, hi=0.5)
+    heal_grad_norms: bool = knob(True, "log |grad nll| and |grad barrier| separately (one extra backward pass while the barrier fires)")
     heal_ablation: bool = knob(False, "03_heal: also heal the same data with reg=nll and reg=kl_rev and compare")
     kept_from: str = knob("", "03_heal: a 02_generate_filter run folder to take kept.jsonl and the vector from (empty = generate here)")
 
