@@ -65,13 +65,8 @@ doses = sorted({0.0, *(c for c in P.sweep_coeffs if c > 0)})
 RECORDS = []
 for i, dose in enumerate(tqdm(doses, desc="doses")):
     users = [DEMO.prompt_pool[(i * P.gen_batch_size + j) % len(DEMO.prompt_pool)] for j in range(P.gen_batch_size)]
-    prompts = [shl.chat_prompt(tok, u) for u in users]
-    shl.seed_everything(P.seed + 1000 + i)
-    with steer.steer(model, vec, dose):
-        texts = generate.generate_texts(model, tok, prompts, P.gen_max_new_tokens, P.gen_batch_size, do_sample=True,
-                                        temperature=P.gen_temperature, top_p=P.gen_top_p, progress=False)
-    recs = [{"prompt": u, "chat_prompt": cp, "completion": t, "coeff": dose, "kappa": dose / P.steer_coeff, "seed": P.seed + 1000 + i}
-            for u, cp, t in zip(users, prompts, texts)]
+    recs = filt.steered_batch(model, tok, vec, dose, users, P, P.seed + 1000 + i, progress=False,
+                              kappa=dose / P.steer_coeff)
     RECORDS += filt.judge(model, tok, recs, P, DEMO.narration)
     shl.append_metrics(RUN, filt.filter_line(recs, "dose_sweep"))
 report = pd.DataFrame([filt.filter_line([r for r in RECORDS if r["coeff"] == d], "dose_sweep") for d in doses])

@@ -127,30 +127,38 @@ def judge(model, tok, records: list[dict], p, extra_narration=()) -> list[dict]:
     return filter_completions(records, ppl, p, extra_narration)
 
 
+def steered_batch(model, tok, vector, coeff: float, users: list[str], p, seed: int, system: str | None = None,
+                  progress: bool = True, **extra) -> list[dict]:
+    """Sampled completions of `users` at steering coefficient `coeff`, seeded, as records
+    (prompt, chat_prompt, completion, coeff, seed, plus `extra`); not judged yet."""
+    from shl.journal import seed_everything
+    from shl.models import chat_prompt
+    from shl.steer import steer
+
+    prompts = [chat_prompt(tok, u, system) for u in users]
+    seed_everything(seed)
+    with steer(model, vector, coeff):
+        texts = generate_texts(model, tok, prompts, p.gen_max_new_tokens, batch_size=p.gen_batch_size,
+                               do_sample=True, temperature=p.gen_temperature, top_p=p.gen_top_p,
+                               progress=progress, desc=f"generate coeff={coeff:.3f}")
+    return [{"prompt": u, "chat_prompt": cp, "completion": t, "coeff": coeff, "seed": seed, **extra}
+            for u, cp, t in zip(users, prompts, texts)]
+
+
 def generate_and_filter(model, tok, vector, demo, p, seed: int = 0, system: str | None = None,
                         on_starve=None, progress: bool = True):
     """walk-C over sampled steered completions of the demo's prompt pool.
 
     Returns (kept, kappa, trace, every judged record). Prompts cycle through the pool; each batch
     is seeded with seed + batch index, so a re-run reproduces the same round."""
-    from shl.journal import seed_everything
-    from shl.models import chat_prompt
-    from shl.steer import steer
-
     everything = []
     pool = demo.prompt_pool
 
     def generate_batch(kappa, n, batch_index):
         start = (batch_index * p.gen_batch_size) % len(pool)
         users = [pool[(start + i) % len(pool)] for i in range(n)]
-        prompts = [chat_prompt(tok, u, system) for u in users]
-        seed_everything(seed + batch_index)
-        with steer(model, vector, p.steer_coeff * kappa):
-            texts = generate_texts(model, tok, prompts, p.gen_max_new_tokens, batch_size=p.gen_batch_size,
-                                   do_sample=True, temperature=p.gen_temperature, top_p=p.gen_top_p,
-                                   progress=progress, desc=f"generate kappa={kappa:.3f}")
-        recs = [{"prompt": u, "chat_prompt": cp, "completion": t, "coeff": p.steer_coeff * kappa, "kappa": kappa,
-                 "seed": seed + batch_index, "batch": batch_index} for u, cp, t in zip(users, prompts, texts)]
+        recs = steered_batch(model, tok, vector, p.steer_coeff * kappa, users, p, seed + batch_index, system,
+                             progress, kappa=kappa, batch=batch_index)
         judge(model, tok, recs, p, demo.narration)
         everything.extend(recs)
         return recs
