@@ -71,10 +71,23 @@ def prepare_run_dir(run_dir: Path, p: Params) -> Path:
     return run_dir
 
 
+def _same_params(run_dir: Path, p: Params) -> bool:
+    path = run_dir / PARAMS_FILE
+    return not path.exists() or not diff_params(yaml.safe_load(path.read_text()) or {}, p.to_dict())
+
+
 def resolve_run(preset: str, run_dir: str, overrides: dict, notebook: str) -> tuple[Params, Path]:
+    """Validate, then create the run folder. A given run_dir must hold the same params (resume);
+    the default one steps to `_2`, `_3`, ... past folders made with other params."""
     p = load_params(preset, **overrides)
     check_inputs(p)
-    return p, prepare_run_dir(Path(run_dir) if run_dir else default_run_dir(notebook, p, overrides), p)
+    if run_dir:
+        return p, prepare_run_dir(Path(run_dir), p)
+    base = default_run_dir(notebook, p, overrides)
+    candidate, i = base, 2
+    while not _same_params(candidate, p):
+        candidate, i = base.with_name(f"{base.name}_{i}"), i + 1
+    return p, prepare_run_dir(candidate, p)
 
 
 def start_run(namespace: dict, notebook: str) -> tuple[Params, Path]:

@@ -78,3 +78,15 @@ def test_default_run_dir_names_a_path_override_by_its_last_component():
     p = load_params("default", kept_from="journal/2026-01-01_02_generate_filter_x")
     path = journal.default_run_dir("03_heal", p, {"kept_from": "journal/2026-01-01_02_generate_filter_x"})
     assert path.name.endswith("_03_heal_smollm2-135m-instruct_kept_from2026-01-01_02_generate_filter_x")
+
+
+def test_default_run_dir_steps_past_a_folder_made_with_other_params(tmp_path, monkeypatch):
+    monkeypatch.setattr(journal, "JOURNAL", tmp_path)
+    p1, d1 = journal.resolve_run("tiny", "", {}, "01_vector")
+    _, again = journal.resolve_run("tiny", "", {}, "01_vector")
+    assert again == d1  # same params: the same folder (resume)
+    (d1 / "params.yaml").write_text((d1 / "params.yaml").read_text().replace("lam: 1.0", "lam: 0.5"))
+    _, d2 = journal.resolve_run("tiny", "", {}, "01_vector")
+    assert d2 == d1.with_name(d1.name + "_2") and (d2 / "params.yaml").exists()
+    with pytest.raises(ParamError, match="lam: 0.5 there, 1.0 now"):
+        journal.resolve_run("tiny", str(d1), {}, "01_vector")  # an explicit folder is never swapped
