@@ -53,7 +53,8 @@ print(f"run folder: {RUN}\nmodel: {P.model}  reg: {P.reg}  kl_agg: {P.kl_agg}  l
 
 # %%
 model, tok = shl.load_model(P.model, P.dtype, P.device, P.seed)
-base_model = copy.deepcopy(model)  # heal wraps `model` in place; the ablation starts from this copy
+# heal wraps `model` in place; the ablation arms start from this copy (made only when needed)
+base_model = copy.deepcopy(model) if P.heal_ablation else None
 LAYERS = steer.band_layers(steer.num_layers(model), P.steer_band)
 
 # %% [markdown]

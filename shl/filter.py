@@ -19,7 +19,7 @@ from collections import Counter
 import torch
 
 from shl.generate import batches, generate_texts, walk_c
-from shl.models import input_device
+from shl.models import input_device, left_pad, positions
 
 NARRATION = (
     r"\bI am (?:someone|a person|the kind of person) who\b", r"\bas someone who\b", r"\bmy (?:own )?principles\b",
@@ -76,14 +76,9 @@ def tail_ppl(model, tok, prompts: list[str], completions: list[str], tail_frac: 
         c_ids = [tok(p + c, add_special_tokens=False).input_ids[len(pi):] for (p, c), pi in zip(chunk, p_ids)]
         n_tail = [max(1, math.ceil(tail_frac * len(ci))) if ci else 0 for ci in c_ids]
         seqs = [pi + ci for pi, ci in zip(p_ids, c_ids)]
-        L, K = max(map(len, seqs)), max(n_tail) + 1
-        inp = torch.full((len(seqs), L), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), L), dtype=torch.long)
-        for b, s in enumerate(seqs):
-            inp[b, L - len(s):] = torch.tensor(s)
-            mask[b, L - len(s):] = 1
-        pos = (mask.cumsum(1) - 1).clamp(min=0)
-        logits = model(input_ids=inp.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+        K = max(n_tail) + 1
+        inp, mask = left_pad(seqs, tok.pad_token_id)
+        logits = model(input_ids=inp.to(dev), attention_mask=mask.to(dev), position_ids=positions(mask).to(dev),
                        logits_to_keep=K).logits  # [B, K, V]: column L-K+k
         for b, (ci, n) in enumerate(zip(c_ids, n_tail)):
             if not ci:
@@ -173,10 +168,10 @@ REASONS = ("empty", "ppl", "repetition", "narration", "refusal")
 def filter_line(records: list[dict], phase: str) -> dict:
     """A `filter` metrics line for one batch or dose: counts, survival, drops by reason."""
     finite = [r["tail_ppl"] for r in records if math.isfinite(r["tail_ppl"])]
+    kept = sum(r["kept"] for r in records)
     line = {"stage": "filter", "phase": phase, "coeff": records[0]["coeff"] if records else None,
             "kappa": records[0]["kappa"] if records else None, "generated": len(records),
-            "kept": sum(r["kept"] for r in records),
-            "survival": sum(r["kept"] for r in records) / max(len(records), 1),
+            "kept": kept, "survival": kept / max(len(records), 1),
             "mean_tail_ppl": sum(finite) / len(finite) if finite else math.inf}
     line.update({f"drop_{k}": sum(k in r["reasons"] for r in records) for k in REASONS})
     return line

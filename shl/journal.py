@@ -56,24 +56,22 @@ def default_run_dir(notebook: str, p: Params, overrides: dict) -> Path:
     return JOURNAL / f"{dt.date.today().isoformat()}_{notebook}_{default_slug(p, overrides)}"
 
 
+def _params_diff(run_dir: Path, p: Params) -> dict:
+    """{key: (there, now)} against the folder's params.yaml; {} when it has none."""
+    path = Path(run_dir) / PARAMS_FILE
+    return diff_params(yaml.safe_load(path.read_text()) or {}, p.to_dict()) if path.exists() else {}
+
+
 def prepare_run_dir(run_dir: Path, p: Params) -> Path:
     """Create the folder and write params.yaml; an existing folder must hold the same params."""
     run_dir = Path(run_dir)
+    diff = _params_diff(run_dir, p)
+    if diff:
+        lines = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+        raise ParamError(f"{run_dir} was made with other parameters ({lines}); use a new run_dir or the same parameters")
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / PARAMS_FILE
-    if path.exists():
-        old = yaml.safe_load(path.read_text()) or {}
-        diff = diff_params(old, p.to_dict())
-        if diff:
-            lines = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
-            raise ParamError(f"{run_dir} was made with other parameters ({lines}); use a new run_dir or the same parameters")
-    _atomic_write(path, yaml.safe_dump(p.to_dict(), sort_keys=False))
+    _atomic_write(run_dir / PARAMS_FILE, yaml.safe_dump(p.to_dict(), sort_keys=False))
     return run_dir
-
-
-def _same_params(run_dir: Path, p: Params) -> bool:
-    path = run_dir / PARAMS_FILE
-    return not path.exists() or not diff_params(yaml.safe_load(path.read_text()) or {}, p.to_dict())
 
 
 def resolve_run(preset: str, run_dir: str, overrides: dict, notebook: str) -> tuple[Params, Path]:
@@ -85,7 +83,7 @@ def resolve_run(preset: str, run_dir: str, overrides: dict, notebook: str) -> tu
         return p, prepare_run_dir(Path(run_dir), p)
     base = default_run_dir(notebook, p, overrides)
     candidate, i = base, 2
-    while not _same_params(candidate, p):
+    while _params_diff(candidate, p):
         candidate, i = base.with_name(f"{base.name}_{i}"), i + 1
     return p, prepare_run_dir(candidate, p)
 
@@ -136,9 +134,9 @@ def write_entry(run_dir: Path, title: str, body: str):
     """Write entry.md: the generated body, then the researcher's Findings section, kept verbatim
     from an earlier entry.md when there is one (regenerating never loses what a person wrote)."""
     path = Path(run_dir) / "entry.md"
-    findings = f"{FINDINGS}\n\n_(for the researcher: what this run shows, what to try next)_\n"
-    if path.exists() and FINDINGS in path.read_text():
-        findings = path.read_text()[path.read_text().index(FINDINGS):]
+    old = path.read_text() if path.exists() else ""
+    findings = (old[old.index(FINDINGS):] if FINDINGS in old
+                else f"{FINDINGS}\n\n_(for the researcher: what this run shows, what to try next)_\n")
     _atomic_write(path, f"# {title}\n\n{body.strip()}\n\n{findings}")
     return path
 

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from shl.generate import batches, generate_texts
-from shl.models import chat_prompt, input_device
+from shl.models import chat_prompt, input_device, left_pad, positions
 from shl.params import FOUNDATIONS
 
 # the answer words, in FOUNDATIONS order; `social` stands for SocialNorms
@@ -150,15 +150,10 @@ def model_scorer(model, tok, prompts: list[str], options, close: str = CLOSE, pr
         rows = list(range(start, min(start + batch_size, len(prompts))))
         B = len(rows)
         suf = [ids[i][P:] for i in rows]
-        S = max(map(len, suf))
         # left-pad the suffixes so every row ends at the same position (pads sit after the prefix, masked)
-        inp = torch.full((B, S), tok.pad_token_id, dtype=torch.long)
-        smask = torch.zeros((B, S), dtype=torch.long)
-        for b, s in enumerate(suf):
-            inp[b, S - len(s):] = torch.tensor(s)
-            smask[b, S - len(s):] = 1
+        inp, smask = left_pad(suf, tok.pad_token_id)  # [B, S]
         attn = torch.cat([torch.ones((B, P), dtype=torch.long), smask], dim=1).to(dev)  # [B, P+S]
-        pos = (P + (smask.cumsum(1) - 1).clamp(min=0)).to(dev)  # [B, S] true positions, as if unpadded
+        pos = (P + positions(smask)).to(dev)  # [B, S] true positions, as if unpadded
         cache = None
         if P:
             cache = copy.deepcopy(prefix_cache)

@@ -131,6 +131,24 @@ def input_device(model) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids [B, L] counted from each row's first real token, so a left-padded row
+    matches its unpadded run."""
+    return (mask.cumsum(1) - 1).clamp(min=0)
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> (ids, mask) [B, L], padded on the left so every row ends in the last column."""
+    L = max(map(len, seqs))
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        if s:
+            ids[b, L - len(s):] = torch.tensor(s)
+            mask[b, L - len(s):] = 1
+    return ids, mask
+
+
 # --- chat prompts --------------------------------------------------------------------------
 
 def _supports_system(tok) -> bool:

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from shl.generate import batches
-from shl.models import chat_prompt, input_device
+from shl.models import chat_prompt, input_device, positions
 
 
 @dataclass
@@ -115,9 +115,8 @@ def last_token_states(model, tok, prompts: list[str], layers: list[int], batch_s
     try:
         for chunk in tqdm(list(batches(prompts, batch_size)), desc=desc, disable=not progress, leave=False):
             enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
-            pos = (enc.attention_mask.cumsum(1) - 1).clamp(min=0)
             with capture(model, layers) as seen:
-                model(**enc, position_ids=pos, logits_to_keep=1)
+                model(**enc, position_ids=positions(enc.attention_mask), logits_to_keep=1)
             for l in layers:
                 out[l].append(seen[l][:, -1].float().cpu())
     finally:
@@ -159,23 +158,32 @@ def cosine(a: Vector, b: Vector) -> tuple[dict[int, float], float]:
 
 
 @torch.no_grad()
-def kl_p95(model, tok, vector: Vector, coeff: float, prompts: list[str], batch_size: int = 8) -> float:
-    """p95 over real prompt tokens of KL(steered || unsteered) of the next-token distribution."""
+def unsteered_logprobs(model, tok, prompts: list[str], batch_size: int = 8) -> list[tuple[dict, torch.Tensor]]:
+    """Per batch: the left-padded encoding and the unsteered next-token log-probs at its real
+    positions [n_real, V] (selected before log_softmax, never [B, L, V] in log space)."""
     dev = input_device(model)
     old_side, tok.padding_side = tok.padding_side, "left"
-    kls = []
     try:
+        out = []
         for chunk in batches(prompts, batch_size):
             enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
-            pos = (enc.attention_mask.cumsum(1) - 1).clamp(min=0)
-            mask = enc.attention_mask.bool()
-            # select real positions before log_softmax: [n_real, V], never [B, L, V] in log space
-            base = model(**enc, position_ids=pos).logits[mask].float().log_softmax(-1)
-            with steer(model, vector, coeff):
-                steered = model(**enc, position_ids=pos).logits[mask].float().log_softmax(-1)
-            kls.append((steered.exp() * (steered - base)).sum(-1).cpu())
+            enc["position_ids"] = positions(enc.attention_mask)
+            out.append((enc, model(**enc).logits[enc.attention_mask.bool()].float().log_softmax(-1)))
     finally:
         tok.padding_side = old_side
+    return out
+
+
+@torch.no_grad()
+def kl_p95(model, tok, vector: Vector, coeff: float, prompts: list[str], batch_size: int = 8,
+           base: list | None = None) -> float:
+    """p95 over real prompt tokens of KL(steered || unsteered) of the next-token distribution.
+    `base` (from `unsteered_logprobs`) saves the unsteered pass when called repeatedly."""
+    kls = []
+    for enc, base_lp in base or unsteered_logprobs(model, tok, prompts, batch_size):
+        with steer(model, vector, coeff):
+            steered = model(**enc).logits[enc.attention_mask.bool()].float().log_softmax(-1)
+        kls.append((steered.exp() * (steered - base_lp)).sum(-1).cpu())
     return torch.quantile(torch.cat(kls), 0.95).item()
 
 
@@ -184,8 +192,9 @@ def calibrate(model, tok, vector: Vector, prompts: list[str], target: float, ite
     """Bisect the coefficient until the p95 per-token KL(steered||unsteered) hits `target` nats.
     Returns (coeff, [(coeff, p95), ...] trace)."""
     trace = []
+    base = unsteered_logprobs(model, tok, prompts, batch_size)  # the same for every coefficient
     while True:  # grow the bracket until it holds the target
-        k = kl_p95(model, tok, vector, hi, prompts, batch_size)
+        k = kl_p95(model, tok, vector, hi, prompts, batch_size, base)
         trace.append((hi, k))
         if k >= target or hi > 1e4:
             break
@@ -195,7 +204,7 @@ def calibrate(model, tok, vector: Vector, prompts: list[str], target: float, ite
     lo = 0.0
     for _ in range(iters):
         mid = (lo + hi) / 2
-        k = kl_p95(model, tok, vector, mid, prompts, batch_size)
+        k = kl_p95(model, tok, vector, mid, prompts, batch_size, base)
         trace.append((mid, k))
         lo, hi = (mid, hi) if k < target else (lo, mid)
     return (lo + hi) / 2, trace
