@@ -97,10 +97,7 @@ with steer.steer(model, vec, COEFF):
 # %%
 model, LOG = heal.heal(model, tok, KEPT, P, round_idx=0, history=[])
 heal.save_adapter(model, "r0", RUN / "adapters" / "r0")
-last_epoch = LOG["epochs"][-1]
-HEAL = {"stage": "heal", "round": 0, "reg": P.reg, "train_nll": last_epoch["train_nll"],
-        "heldout_nll": last_epoch["heldout_nll"], "final_D": LOG["final_D"], "seconds": LOG["seconds"],
-        "steps": len(LOG["steps"]), "barrier_fired_any": LOG["barrier_fired_any"]}
+HEAL = heal.summary_line(LOG, P, 0)
 shl.append_metrics(RUN, HEAL)
 (RUN / "heal_log.jsonl").write_text("".join(json.dumps(s) + "\n" for s in LOG["steps"]))
 pd.DataFrame(LOG["steps"]).round(4)

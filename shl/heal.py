@@ -529,3 +529,11 @@ def heal(model, tok, records: list[dict], p, round_idx: int, history: list[str],
     log = {"steps": steps, "epochs": epochs, "final_D": sum(last) / len(last), "seconds": time.time() - t0,
            "barrier_fired_any": fired_any}
     return model, log
+
+
+def summary_line(log: dict, p, round_idx: int) -> dict:
+    """The `heal` metrics line of one round: last epoch's train and held-out NLL, final D, seconds."""
+    last = log["epochs"][-1]
+    return {"stage": "heal", "round": round_idx, "reg": p.reg, "train_nll": last["train_nll"],
+            "heldout_nll": last["heldout_nll"], "final_D": log["final_D"], "seconds": log["seconds"],
+            "steps": len(log["steps"]), "barrier_fired_any": log["barrier_fired_any"]}

@@ -62,6 +62,14 @@ def _params_diff(run_dir: Path, p: Params) -> dict:
     return diff_params(yaml.safe_load(path.read_text()) or {}, p.to_dict()) if path.exists() else {}
 
 
+def _adapters_missing(run_dir: Path) -> bool:
+    """A loop folder with finished rounds but without their adapters (a cloned, committed run:
+    adapter weights stay out of git) cannot be resumed; a default folder steps past it."""
+    lines = read_metrics(run_dir) if (Path(run_dir) / METRICS_FILE).exists() else []
+    return any(r.get("stage") == "round" and not (Path(run_dir) / "adapters" / f"r{r['round']}").is_dir()
+               for r in lines)
+
+
 def prepare_run_dir(run_dir: Path, p: Params) -> Path:
     """Create the folder and write params.yaml; an existing folder must hold the same params."""
     run_dir = Path(run_dir)
@@ -76,14 +84,15 @@ def prepare_run_dir(run_dir: Path, p: Params) -> Path:
 
 def resolve_run(preset: str, run_dir: str, overrides: dict, notebook: str) -> tuple[Params, Path]:
     """Validate, then create the run folder. A given run_dir must hold the same params (resume);
-    the default one steps to `_2`, `_3`, ... past folders made with other params."""
+    the default one steps to `_2`, `_3`, ... past folders made with other params or that cannot
+    be resumed (finished rounds without their adapters)."""
     p = load_params(preset, **overrides)
     check_inputs(p)
     if run_dir:
         return p, prepare_run_dir(Path(run_dir), p)
     base = default_run_dir(notebook, p, overrides)
     candidate, i = base, 2
-    while _params_diff(candidate, p):
+    while _params_diff(candidate, p) or _adapters_missing(candidate):
         candidate, i = base.with_name(f"{base.name}_{i}"), i + 1
     return p, prepare_run_dir(candidate, p)
 

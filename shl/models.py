@@ -12,6 +12,7 @@ Three kinds of `model`:
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -45,10 +46,15 @@ def embedded_gguf() -> Path:
     return path
 
 
+def _gguf_marked(folder: Path) -> bool:
+    """A folder converted by shl before the fix above: its config still carries the GGUF marker."""
+    return "quantization_config" in json.loads((folder / "config.json").read_text())
+
+
 def embedded_folder() -> Path:
     """The embedded model as a safetensors folder, converted from the GGUF on first use."""
     target = cache_dir() / EMBEDDED
-    if (target / "model.safetensors").exists():
+    if (target / "model.safetensors").exists() and not _gguf_marked(target):
         return target
     gguf = embedded_gguf()
     t0 = time.time()
@@ -58,6 +64,9 @@ def embedded_folder() -> Path:
     # a GGUF-loaded model refuses save_pretrained: copy its de-quantised weights into a plain one
     model = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
+    # the config still names the GGUF quantisation: transformers would then treat the plain
+    # weights as quantised and refuse save_pretrained on every model made from them (export)
+    del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
     # write into a temp folder and rename, so an interrupted conversion never leaves a half folder
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{EMBEDDED}-"))

@@ -54,7 +54,8 @@ class Params:
     # layers 18-23 of SmolLM2's 30 moved authority -1.19 nats at 0.91x base coherence (coeff 0.5);
     # 15-20 gave -0.73 at 0.74x and 12-17 -0.25 at 0.65x (journal/2026-11-26_01_vector_*)
     steer_band: list = knob([0.6, 0.8], "decoder layers to steer, as [start, end) fractions of depth")
-    n_contexts: int = knob(256, "user contexts used for extraction (pos vs neg system prompt)", lo=1)
+    # 128 keeps a 3-round loop on the embedded model under 20 min on a 2-core CPU (GPU presets use 256)
+    n_contexts: int = knob(128, "user contexts used for extraction (pos vs neg system prompt)", lo=1)
     contexts_file: str = knob("", "extraction contexts, one user message per line (empty = shl/data/contexts.txt)")
     extract_batch_size: int = knob(16, "batch size of the extraction forward passes", lo=1)
     # 2.0 breaks SmolLM2 (0.25 survival at the default filter), so walk-C has a real edge to find
@@ -115,7 +116,8 @@ class Params:
     kept_from: str = knob("", "03_heal: a 02_generate_filter run folder to take kept.jsonl and the vector from (empty = generate here)")
 
     # --- eval (every gate) -----------------------------------------------------------------
-    eval_n: int = knob(0, "vignettes to evaluate, spread over foundations (0 = all 132)", lo=0, hi=132)
+    # 66 (half, balanced over foundations) keeps the CPU loop under 20 min; GPU presets use all 132
+    eval_n: int = knob(66, "vignettes to evaluate, spread over foundations (0 = all 132)", lo=0, hi=132)
     eval_batch_size: int = knob(16, "vignettes per forward pass", lo=1)
     eval_think_tokens: int = knob(0, "greedy thinking tokens before the 'Just answer' interrupt (0 = none)", lo=0)
     eval_json_valid: bool = knob(False, "also let the model answer freely and report the fraction of valid JSON answers")

@@ -104,3 +104,126 @@ def plot_heal(steps: list[dict], tau: float, title: str = "heal"):
     ax2.set_xlabel("optimizer step")
     fig.tight_layout()
     return fig
+
+
+# --- the loop (04) ------------------------------------------------------------------------------
+
+def _stage(lines: list[dict], stage: str) -> list[dict]:
+    return sorted((r for r in lines if r.get("stage") == stage), key=lambda r: r["round"])
+
+
+def _once(lines: list[dict], stage: str) -> dict | None:
+    return next((r for r in lines if r.get("stage") == stage), None)
+
+
+def plot_trajectory(lines: list[dict], trait: str, coh_floor: float):
+    """The trait's nats per stage over rounds (base and prompting baseline as lines), coherence below."""
+    base, baseline = _once(lines, "base"), _once(lines, "prompt_baseline")
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
+    for ax, key in ((ax1, f"{trait}_nats"), (ax2, "coherence")):
+        for stage, style in (("steered", "o--"), ("healed", "s-")):
+            pts = _stage(lines, stage)
+            if pts:
+                ax.plot([r["round"] for r in pts], [r[key] for r in pts], style, label=stage)
+        if base:
+            ax.axhline(base[key], color="k", ls="--", lw=1, label="base")
+        if baseline:
+            ax.axhline(baseline[key], color="tab:green", ls=":", lw=1.5, label="prompting baseline")
+    if base:
+        ax2.axhline(coh_floor * base["coherence"], color="r", lw=0.8, alpha=0.6, label=f"coh_floor {coh_floor} x base")
+    ax1.set_ylabel(f"{trait}_nats")
+    ax2.set_ylabel("coherence (pmass)")
+    ax2.set_xlabel("round")
+    ax2.xaxis.get_major_locator().set_params(integer=True)
+    ax1.legend(fontsize=8)
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_pareto(lines: list[dict], trait: str, sign: int):
+    """Δtrait (toward the trait) vs Δcoherence against base, for every steered and healed point
+    and the prompting baseline: up-right of the origin is trait for free, down-right is paid for."""
+    base = _once(lines, "base")
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    if base is None:
+        return fig
+    key = f"{trait}_nats"
+
+    def xy(r):
+        return sign * (r[key] - base[key]), r["coherence"] - base["coherence"]
+
+    for stage, marker in (("steered", "o"), ("healed", "s")):
+        pts = _stage(lines, stage)
+        if pts:
+            x, y = zip(*map(xy, pts))
+            ax.scatter(x, y, marker=marker, label=stage, zorder=3)
+            for r, xi, yi in zip(pts, x, y):
+                ax.annotate(f"r{r['round']}", (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    baseline = _once(lines, "prompt_baseline")
+    if baseline:
+        ax.scatter(*xy(baseline), marker="*", s=120, color="tab:orange", label="prompting baseline", zorder=3)
+    ax.scatter([0], [0], marker="x", color="k", label="base", zorder=3)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.axvline(0, color="k", lw=0.5)
+    ax.set_xlabel(f"Δtrait (nats toward the trait; {trait}_nats x {sign:+d})")
+    ax.set_ylabel("Δcoherence")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_plane(lines: list[dict]):
+    """The run on the Care vs Authority plane: base, then steered and healed per round, arrows in order."""
+    nodes = []
+    for name in ("base",):
+        r = _once(lines, name)
+        if r:
+            nodes.append(("base", r))
+    rounds = sorted({r["round"] for r in lines if r.get("stage") in ("steered", "healed")})
+    for k in rounds:
+        for stage in ("steered", "healed"):
+            r = next((x for x in lines if x.get("stage") == stage and x["round"] == k), None)
+            if r:
+                nodes.append((f"{stage[0]}{k}", r))
+    fig, ax = plt.subplots(figsize=(6, 5))
+    colors = {"b": "k", "s": "tab:red", "h": "tab:blue"}
+    for (label, r), (_, nxt) in zip(nodes, nodes[1:]):
+        ax.annotate("", (nxt["care_nats"], nxt["authority_nats"]), (r["care_nats"], r["authority_nats"]),
+                    arrowprops=dict(arrowstyle="->", color="gray", lw=1))
+    baked = [r for label, r in nodes if label[0] in "bh"]  # base -> h0 -> h1 ...: what the weights hold
+    ax.plot([r["care_nats"] for r in baked], [r["authority_nats"] for r in baked], "-", color="tab:blue", lw=2,
+            alpha=0.5, label="baked path (base, healed)")
+    for label, r in nodes:
+        ax.scatter(r["care_nats"], r["authority_nats"], color=colors[label[0]], zorder=3)
+        ax.annotate(label, (r["care_nats"], r["authority_nats"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    baseline = _once(lines, "prompt_baseline")
+    if baseline:
+        ax.scatter(baseline["care_nats"], baseline["authority_nats"], marker="*", s=120, color="tab:orange",
+                   label="prompting baseline", zorder=3)
+    ax.legend(fontsize=8)
+    ax.set_xlabel("care_nats")
+    ax.set_ylabel("authority_nats")
+    ax.set_title("Care vs Authority (b = base, s = steered, h = healed; k = round)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_filter_rounds(lines: list[dict], target: float):
+    """Per round: filter survival over all walk-C batches (bars) and the settled kappa (line)."""
+    rounds = _stage(lines, "round")
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    x = [r["round"] for r in rounds]
+    ax.bar(x, [r["survival"] for r in rounds], alpha=0.4, color="tab:green", label="survival (all batches)")
+    ax.axhline(target, color="tab:green", ls="--", lw=1, label=f"gen_pass_target {target:g}")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("survival")
+    ax.set_xlabel("round")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax2 = ax.twinx()
+    ax2.plot(x, [r["kappa"] for r in rounds], "o-", color="tab:purple", label="settled kappa")
+    ax2.set_ylim(0, 1.05)
+    ax2.set_ylabel("kappa", color="tab:purple")
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    return fig

@@ -6,6 +6,7 @@ import pytest
 import torch
 from peft import PeftModel
 
+from conftest import randomize_lora
 from shl import heal as H
 from shl.models import chat_prompt
 from shl.params import load_params
@@ -20,19 +21,12 @@ def _batch(tok, n=2):
     return H.collate(H.encode_records(tok, _records(tok, n)), tok.pad_token_id)
 
 
-def _randomize(model, name, seed, scale=0.3):
-    """Give adapter `name` non-zero random A and B (a fresh LoRA has B = 0: it changes nothing)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for A, B, _ in H.lora_pairs(model, name):
-            A.copy_(scale * torch.randn(A.shape, generator=g))
-            B.copy_(scale * torch.randn(B.shape, generator=g))
 
 
 def _student(tiny, p, seed=1):
     """A deep copy of tiny with adapter r0 non-zero and trainable (the session fixture stays untouched)."""
     model = H.add_round_adapter(copy.deepcopy(tiny[0]), p, 0)
-    _randomize(model, "r0", seed)
+    randomize_lora(model, "r0", seed)
     return model
 
 
@@ -229,7 +223,7 @@ def test_saved_adapters_reload_and_stack(tiny, tmp_path):
     p = load_params("tiny")
     model = _student(tiny, p, seed=1)
     model = H.add_round_adapter(model, p, 1)
-    _randomize(model, "r1", seed=2)
+    randomize_lora(model, "r1", seed=2)
     b = _batch(tiny[1])
     logits = {}
     for names in (["r0"], ["r1"], ["r0", "r1"]):

@@ -90,3 +90,15 @@ def test_default_run_dir_steps_past_a_folder_made_with_other_params(tmp_path, mo
     assert d2 == d1.with_name(d1.name + "_2") and (d2 / "params.yaml").exists()
     with pytest.raises(ParamError, match="lam: 0.5 there, 1.0 now"):
         journal.resolve_run("tiny", str(d1), {}, "01_vector")  # an explicit folder is never swapped
+
+
+def test_default_run_dir_steps_past_a_cloned_loop_folder_without_its_adapters(tmp_path, monkeypatch):
+    monkeypatch.setattr(journal, "JOURNAL", tmp_path)
+    _, d1 = journal.resolve_run("tiny", "", {}, "04_loop")
+    journal.append_metrics(d1, {"stage": "round", "round": 0})
+    (d1 / "adapters" / "r0").mkdir(parents=True)
+    _, again = journal.resolve_run("tiny", "", {}, "04_loop")
+    assert again == d1  # its adapters are there: resumable
+    (d1 / "adapters" / "r0").rmdir()  # as after `git clone`: adapter weights are not committed
+    _, d2 = journal.resolve_run("tiny", "", {}, "04_loop")
+    assert d2 == d1.with_name(d1.name + "_2")

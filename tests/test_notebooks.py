@@ -93,3 +93,17 @@ def test_03_heal_runs_under_papermill_on_tiny_with_the_ablation(tmp_path):
     heal_line = json.loads((run / "metrics.jsonl").read_text().splitlines()[3])
     assert {"train_nll", "heldout_nll", "final_D", "seconds"} <= set(heal_line)
     assert "Verdict (gate 3)" in (run / "entry.md").read_text()
+
+
+def test_04_loop_runs_two_rounds_under_papermill_on_tiny_and_writes_the_index(tmp_path):
+    run = tmp_path / "journal" / "loop"
+    out = _run(["notebooks/04_loop.ipynb", "--params", "tiny", "--run-dir", str(run)], timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for name in ("params.yaml", "metrics.jsonl", "04_loop.ipynb", "entry.md", "trajectory.png", "pareto.png",
+                 "plane.png", "filter_rounds.png", "demos_base.jsonl", "adapters/r1/adapter_config.json"):
+        assert (run / name).exists(), name
+    rounds = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"stage": "round"' in x]
+    assert [r["round"] for r in rounds] == [0, 1]
+    index = (tmp_path / "journal" / "index.md").read_text()
+    assert "| loop | 04_loop | ok | 2 |" in index
+    assert (tmp_path / "journal" / "index_overlay.png").exists()

@@ -1,0 +1,138 @@
+"""The loop's journal entry and plots, built from the run folder alone (so a crashed or resumed
+run, or someone else's copy of the folder, gives the same entry)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+
+from shl import plots
+from shl.demos import load_demo
+from shl.journal import REPO, md_table, read_metrics, write_entry
+from shl.loop import STAGES, completed_rounds, headline, read_jsonl
+from shl.params import load_params
+
+PLOTS = ("trajectory", "pareto", "plane", "filter_rounds")
+
+
+def make_plots(run_dir: Path, lines: list[dict], p, demo) -> list[str]:
+    """Write the loop's plots as PNG into the run folder; returns the names written."""
+    trait = demo.trait_foundation
+    figs = {"trajectory": plots.plot_trajectory(lines, trait, p.coh_floor),
+            "pareto": plots.plot_pareto(lines, trait, demo.trait_sign),
+            "plane": plots.plot_plane(lines),
+            "filter_rounds": plots.plot_filter_rounds(lines, p.gen_pass_target)}
+    for name, fig in figs.items():
+        plots.save(fig, run_dir, name)
+        plt.close(fig)
+    return list(figs)
+
+
+def _cell(text: str, n: int = 220) -> str:
+    """One markdown table cell: a single line, pipes escaped, cut at n characters."""
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= n else text[:n] + " …"
+
+
+def dropped_sample(run_dir: Path, k: int) -> dict | None:
+    """A raw steered completion of round k that the filter dropped: the first at the highest dose."""
+    dropped = [r for r in read_jsonl(run_dir / f"generated_r{k}.jsonl") if not r["kept"]]
+    return max(dropped, key=lambda r: r["coeff"]) if dropped else None
+
+
+def day_night(run_dir: Path, rounds: list[dict]) -> str:
+    """Per round: a dropped raw steered sample (night) and the healed model's greedy answer to the
+    first demo prompt (day); the base model's answer first."""
+    base = read_jsonl(run_dir / "demos_base.jsonl")
+    prompt = base[0]["prompt"] if base else ""
+    rows = [{"round": "base", "dropped steered sample": "", "greedy answer": _cell(base[0]["text"]) if base else ""}]
+    for r in rounds:
+        k = r["round"]
+        d = dropped_sample(run_dir, k)
+        demo = read_jsonl(run_dir / f"demos_r{k}.jsonl")
+        rows.append({"round": str(k),
+                     "dropped steered sample": (f"({', '.join(d['reasons'])}, coeff {d['coeff']:.2f}) {_cell(d['completion'])}"
+                                                if d else "(none dropped)"),
+                     "greedy answer": _cell(demo[0]["text"]) if demo else ""})
+    return f"First demo prompt: _{prompt}_\n\n" + md_table(rows, ["round", "dropped steered sample", "greedy answer"])
+
+
+ROUND_COLS = ["round", "kappa", "coeff", "kept", "generated", "steered_d_trait", "healed_d_trait",
+              "steered_coherence", "healed_coherence", "healed_coh_ratio", "heal_train_nll", "heal_heldout_nll",
+              "heal_final_D", "cos_v_v0", "cos_student_teacher", "seconds"]
+
+
+def timing_table(lines: list[dict], rounds: list[dict]) -> str:
+    once = sum(r.get("seconds", 0.0) for r in lines if r.get("stage") in ("base", "prompt_baseline"))
+    rows = [dict({"round": r["round"]}, **{s: r.get(f"seconds_{s}", 0.0) for s in STAGES}, total=r["seconds"])
+            for r in rounds]
+    if not rounds:
+        return f"Base + prompting-baseline evals: {once:.0f} s; no round finished yet."
+    totals = {s: sum(r[s] for r in rows) for s in STAGES}
+    rows.append(dict({"round": "all"}, **totals, total=sum(totals.values())))
+    top = max(STAGES, key=lambda s: totals[s])
+    note = (f"Base + prompting-baseline evals: {once:.0f} s. Rounds: {rows[-1]['total']:.0f} s. "
+            f"Dominant stage: **{top}** ({totals[top] / rows[-1]['total']:.0%} of the rounds' time). "
+            "Model loading and plotting are not counted.")
+    return md_table(rows, ["round", *STAGES, "total"], digits=0) + "\n\n" + note
+
+
+def _shown(path: Path) -> str:
+    """The path relative to the repo when it lies inside (how a reader of the journal types it)."""
+    path = path.resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def report(run_dir: Path, error: str = "") -> Path:
+    """Plots and entry.md for a 04 run folder, from its files. `error`: why the run stopped early."""
+    run_dir = Path(run_dir)
+    p = load_params(str(run_dir / "params.yaml"))
+    demo = load_demo(p)
+    lines = read_metrics(run_dir)
+    rounds = completed_rounds(lines)
+    trait = f"{demo.trait_foundation}_nats"
+    make_plots(run_dir, lines, p, demo)
+    head = headline(lines, demo.trait_foundation, demo.trait_sign, p.coh_floor)
+    base = next((r for r in lines if r["stage"] == "base"), None)
+    baseline = next((r for r in lines if r["stage"] == "prompt_baseline"), None)
+
+    if error:
+        status = (f"**Interrupted** during round {len(rounds)}: `{_cell(error, 300)}`. Re-run with the same "
+                  "`run_dir` and parameters to resume after the last finished round.")
+    elif rounds and rounds[-1]["stopped"]:
+        status = f"**Stopped** after round {rounds[-1]['round']}: {rounds[-1]['stop_reason']}."
+    elif len(rounds) < p.rounds:
+        status = f"In progress: {len(rounds)} of {p.rounds} rounds finished."
+    else:
+        status = f"Finished: {len(rounds)} rounds."
+    parts = [
+        f"Model `{p.model}`, demo `{demo.name}` (trait: {demo.trait_foundation}_nats "
+        f"{'down' if demo.trait_sign < 0 else 'up'}), {len(rounds)} of {p.rounds} rounds. "
+        f"Heal: reg `{p.reg}`, kl_agg `{p.kl_agg}`, barrier_ref `{p.barrier_ref}`, lam {p.lam} "
+        f"(round pow {p.lam_round_pow}), tau {p.tau}, spectral_lam {p.spectral_lam}, lr {p.lr}, {p.epochs} epochs; "
+        f"walk-C: steer_coeff {p.steer_coeff}, pass target {p.gen_pass_target}, n_keep {p.n_keep}. "
+        f"Everything else: `params.yaml` (re-create with `python -m shl.run notebooks/04_loop.ipynb "
+        f"--params {_shown(run_dir)}/params.yaml`; adapters are not in git).",
+        status,
+    ]
+    if head:
+        parts.append(
+            f"**Headline (round {head['round']} healed vs base):** Δtrait {head['d_trait']:+.3f} nats, "
+            f"Δcoherence {head['d_coh']:+.3f} ({head['coherence']:.3f} vs {head['base_coherence']:.3f}), "
+            f"cost {head['cost']:.3f} coherence per nat. **Verdict: {head['verdict']}** ({head['why']}). "
+            f"Largest off-target move: {head['off_target']} {head['off_target_move']:.3f} nats.")
+    if base and baseline:
+        parts.append(md_table(
+            [{"stage": s, trait: r[trait], "care_nats": r["care_nats"], "coherence": r["coherence"],
+              "d_trait": demo.trait_move(r[trait], base[trait]) + 0.0} for s, r in (("base", base), ("prompt_baseline", baseline))],
+            ["stage", trait, "care_nats", "coherence", "d_trait"]))
+    if rounds:
+        parts += ["### Rounds\n\nd_trait is signed toward the trait, in nats against base; coherence ratio against "
+                  "base; cos_v_v0 = the re-extracted vector vs round 0's; cos_student_teacher = what the round's "
+                  "adapter moved (adapter on vs off, neutral prompt) vs the vector it learned from.\n\n"
+                  + md_table(rounds, ROUND_COLS)]
+    parts += ["### Plots\n\n" + "\n".join(f"![{n}]({n}.png)" for n in PLOTS),
+              "### Day and night\n\n" + day_night(run_dir, rounds),
+              "### Wall time (s)\n\n" + timing_table(lines, rounds)]
+    return write_entry(run_dir, f"04_loop: {demo.name} on {p.model}", "\n\n".join(parts))
