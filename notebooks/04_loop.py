@@ -53,16 +53,16 @@ TRAIT = f"{DEMO.trait_foundation}_nats"
 print(f"run folder: {RUN}\nmodel: {P.model}  demo: {DEMO.name}  rounds: {P.rounds}  reg: {P.reg}  lam: {P.lam}  "
       f"tau: {P.tau}  barrier_ref: {P.barrier_ref}  coh_floor: {P.coh_floor}")
 
-# %%
-model, tok = shl.load_model(P.model, P.dtype, P.device, P.seed)
-
 # %% [markdown]
 # ## The loop
 # Once per run: base eval, prompting-baseline eval (the pos persona as the system prompt), base
 # demo answers. Then the rounds. `entry.md` and the plots are rewritten after every round (and
-# when a round fails), so an interrupted run still has its entry.
+# when a round fails), so an interrupted run still has its entry. The model is loaded in this
+# cell: re-running it after an interrupt resumes from the saved adapters, never from weights a
+# half-finished round left in memory.
 
 # %%
+model, tok = shl.load_model(P.model, P.dtype, P.device, P.seed)
 model, ROUNDS = loop.run_loop(model, tok, P, RUN, report=report.report)
 LINES = shl.read_metrics(RUN)
 
@@ -92,8 +92,7 @@ display(plots.plot_filter_rounds(LINES, P.gen_pass_target))
 pd.DataFrame(ROUNDS)[[c for c in report.ROUND_COLS if ROUNDS and c in ROUNDS[0]]].round(3)
 
 # %%
-pd.DataFrame([{"round": r["round"], **{s: r[f"seconds_{s}"] for s in loop.STAGES}, "total": r["seconds"]}
-              for r in ROUNDS]).round(0)
+display(Markdown(report.timing_table(LINES, ROUNDS)))
 
 # %% [markdown]
 # ## Demo answers down the rounds (greedy)

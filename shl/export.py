@@ -70,6 +70,10 @@ def export_merged(run_dir, out_dir, rounds: int | None = None) -> Path:
     _check_out_dir(out_dir)
     p = load_params(str(params_path))
     paths = adapters_to_merge(run_dir, rounds)
+    last = completed_rounds(read_metrics(run_dir))[len(paths) - 1]
+    if last.get("stopped"):  # merged on purpose it is fine, but nobody should ship it by accident
+        print(f"warning: round {last['round']} stopped the loop ({last['stop_reason']}); "
+              f"--rounds {len(paths) - 1} exports the rounds before it")
 
     model, tok = load_model(p.model, p.dtype, p.device, p.seed)
     model = heal.load_adapters(model, paths)

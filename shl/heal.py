@@ -424,7 +424,8 @@ def heal(model, tok, records: list[dict], p, round_idx: int, history: list[str],
     missing = [h for h in history if not isinstance(model, PeftModel) or h not in model.peft_config]
     if missing:
         raise ValueError(f"history adapters {missing} are not loaded on the model (load_adapters first)")
-    torch.manual_seed(p.seed)  # the new LoRA's A is drawn from torch's RNG
+    seed = p.seed + round_idx  # a fresh draw each round, the same one when a round is redone
+    torch.manual_seed(seed)  # the new LoRA's A is drawn from torch's RNG
     name = f"r{round_idx}"
     wrapped_here = not isinstance(model, PeftModel)
     prev_active = active_adapters(model)
@@ -434,7 +435,7 @@ def heal(model, tok, records: list[dict], p, round_idx: int, history: list[str],
     # the new adapter's weights only: any other parameter a caller left trainable stays out
     params = [w for A, B, _ in lora_pairs(model, name) for w in (A, B)]
 
-    train_recs, held_recs = split_heldout(records, p.heldout_frac, p.seed)
+    train_recs, held_recs = split_heldout(records, p.heldout_frac, seed)
     train_ex, held_ex = encode_records(tok, train_recs), encode_records(tok, held_recs)
     pad_id = tok.pad_token_id
     dev = input_device(model)
@@ -443,7 +444,7 @@ def heal(model, tok, records: list[dict], p, round_idx: int, history: list[str],
     total_steps = p.epochs * steps_per_epoch
     opt = torch.optim.AdamW(params, lr=p.lr, betas=(0.9, 0.95), weight_decay=p.weight_decay)
     sched = get_cosine_schedule_with_warmup(opt, round(p.warmup_frac * total_steps), total_steps)
-    order_gen = torch.Generator().manual_seed(p.seed)
+    order_gen = torch.Generator().manual_seed(seed)
 
     steps, epochs = [], []
     model.train()

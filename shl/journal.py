@@ -65,8 +65,12 @@ def _params_diff(run_dir: Path, p: Params) -> dict:
 def _adapters_missing(run_dir: Path) -> bool:
     """A loop folder with finished rounds but without their adapters (a cloned, committed run:
     adapter weights stay out of git) cannot be resumed; a default folder steps past it."""
-    lines = read_metrics(run_dir) if (Path(run_dir) / METRICS_FILE).exists() else []
-    return any(r.get("stage") == "round" and not (Path(run_dir) / "adapters" / f"r{r['round']}").is_dir()
+    try:
+        lines = read_metrics(run_dir)
+    except json.JSONDecodeError:  # a truncated metrics file: not a folder to resume either
+        return True
+    return any(r.get("stage") == "round"
+               and not (Path(run_dir) / "adapters" / f"r{r['round']}" / "adapter_config.json").exists()
                for r in lines)
 
 

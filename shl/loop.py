@@ -13,17 +13,20 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+from peft.tuners.lora import LoraLayer
 
 from shl import demos, filter as filt, heal, plots, steer
 from shl.generate import generate_texts
-from shl.journal import _atomic_write, append_metrics, log_eval, read_metrics, seed_everything
+from shl.journal import _atomic_write, append_metrics, log_eval, read_metrics
 from shl.mfv import eval_kwargs, evaluate
 from shl.models import chat_prompt
 from shl.params import FOUNDATIONS, Params
@@ -33,6 +36,11 @@ ONCE = ("base", "prompt_baseline")  # eval stages of round -1
 ROUND_FILES = ("vector_r{k}.pt", "generated_r{k}.jsonl", "walk_c_r{k}.jsonl", "heal_log_r{k}.jsonl",
                "demos_r{k}.jsonl", "heal_r{k}.png", "evals/steered_r{k}.jsonl", "evals/healed_r{k}.jsonl")
 STAGES = ("extract", "generate_filter", "eval_steered", "heal", "eval_healed", "demos", "student")
+
+
+def below_floor(coherence: float, base_coherence: float, coh_floor: float) -> bool:
+    """The loop's stop rule and the `broken` verdict: coherence under coh_floor x base."""
+    return coherence < coh_floor * base_coherence
 
 
 def round_seed(p: Params, k: int) -> int:
@@ -64,6 +72,9 @@ def headline(lines: list[dict], trait_foundation: str, trait_sign: int, coh_floo
     None when the lines hold no base and healed eval (e.g. a 01 or 02 run)."""
     base = next((r for r in lines if r.get("stage") == "base"), None)
     healed = [r for r in lines if r.get("stage") == "healed"]
+    finished = {r["round"] for r in completed_rounds(lines)}
+    if finished:  # a loop run: a healed line of a round that never finished is not a result
+        healed = [r for r in healed if r["round"] in finished]
     if base is None or not healed:
         return None
     last = max(healed, key=lambda r: r["round"])
@@ -74,7 +85,7 @@ def headline(lines: list[dict], trait_foundation: str, trait_sign: int, coh_floo
     d_coh = last["coherence"] - base["coherence"]
     others = {f: abs(last[f"{f}_nats"] - base[f"{f}_nats"]) for f in FOUNDATIONS if f != trait_foundation}
     off, off_move = max(others.items(), key=lambda kv: kv[1])
-    if last["coherence"] < coh_floor * base["coherence"]:
+    if below_floor(last["coherence"], base["coherence"], coh_floor):
         verdict, why = "broken", f"coherence {last['coherence']:.3f} < {coh_floor} x base {base['coherence']:.3f}"
     elif d_trait <= 0 or (steered is not None and d_trait < 0.5 * d_steer):
         verdict, why = "undo", f"healed moved {d_trait:+.3f} nats of the steered {d_steer:+.3f}"
@@ -98,10 +109,15 @@ def discard_partial(run_dir: Path, next_round: int) -> list[str]:
     """Drop every metrics line and file of rounds >= next_round (a half-written round).
     Returns what was discarded, for the log."""
     run_dir = Path(run_dir)
+    gone = []
+    # save_adapter writes into adapters/.r{k}-*/ first: a kill mid-save leaves that behind
+    for tmp in sorted((run_dir / "adapters").glob(".r*-*")) if (run_dir / "adapters").is_dir() else []:
+        shutil.rmtree(tmp)
+        gone.append(str(tmp.relative_to(run_dir)))
     lines = read_metrics(run_dir)
     keep = [r for r in lines if r.get("round", -1) < next_round]
-    gone = [f"{len(lines) - len(keep)} metrics lines"] if len(keep) < len(lines) else []
-    if gone:
+    if len(keep) < len(lines):
+        gone.append(f"{len(lines) - len(keep)} metrics lines")
         _write_jsonl(run_dir / "metrics.jsonl", keep)
     k = next_round
     while True:  # a crash leaves files of one round at most, but clean any that are there
@@ -121,6 +137,11 @@ def resume(model, p: Params, run_dir: Path) -> tuple[object, list[str], int, boo
 
     Returns (model, history adapter names, next round, stopped: the loop hit coh_floor already)."""
     run_dir = Path(run_dir)
+    if model is not None and any(isinstance(m, LoraLayer) for m in model.modules()):
+        # e.g. the same notebook kernel after a crash: heal wraps the model in place, so it may
+        # carry an adapter that was never saved, and every later stage would run on top of it
+        raise RuntimeError("the model already carries LoRA adapters; resume loads the saved ones itself: "
+                           "load the model again (shl.load_model) and re-run")
     done = completed_rounds(read_metrics(run_dir))
     if [r["round"] for r in done] != list(range(len(done))):
         raise RuntimeError(f"{run_dir}/metrics.jsonl has round lines {[r['round'] for r in done]}, "
@@ -130,7 +151,7 @@ def resume(model, p: Params, run_dir: Path) -> tuple[object, list[str], int, boo
     if missing:
         raise RuntimeError(f"{run_dir} finished rounds {history} but adapters {missing} are not in adapters/ "
                            "(adapter weights are not committed to git): re-create the run in a new folder with "
-                           f"`-p params {run_dir / 'params.yaml'}`")
+                           f"`python -m shl.run notebooks/04_loop.ipynb --params {run_dir / 'params.yaml'}`")
     gone = discard_partial(run_dir, len(done))
     if gone:
         print(f"discarded a half-written round {len(done)}: {', '.join(gone)}")
@@ -234,7 +255,7 @@ def run_round(model, tok, p: Params, run_dir: Path, demo: demos.Demo, k: int, hi
                                    p.extract_batch_size, progress)
     lap("student")
 
-    stop = healed["coherence"] < p.coh_floor * base["coherence"]
+    stop = below_floor(healed["coherence"], base["coherence"], p.coh_floor)
     line = {
         "stage": "round", "round": k, "trait": demo.trait_foundation,
         "kappa": kappa, "coeff": coeff, "generated": len(records), "kept": len(kept),
@@ -255,15 +276,47 @@ def run_round(model, tok, p: Params, run_dir: Path, demo: demos.Demo, k: int, hi
     return model, line
 
 
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """One loop per run folder: a second one would discard the first one's round as half-written.
+    A lock left by a dead process (a kill -9, a lost machine) is taken over."""
+    path = Path(run_dir) / ".lock"
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                pid = int(path.read_text() or 0)
+                os.kill(pid, 0)
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                path.unlink(missing_ok=True)  # stale
+                continue
+            except PermissionError:
+                pass  # alive, another user's
+            raise RuntimeError(f"{run_dir} is in use by process {pid} (a loop is running there); "
+                               f"wait for it or use another run_dir (remove {path} if that process is not a loop)")
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
 def run_loop(model, tok, p: Params, run_dir: Path, progress: bool = True, report=None):
     """Resume, the once-per-run evals, then rounds until `rounds` or the coherence floor.
 
     `report(run_dir)` (plots + entry.md) runs after the once-per-run stage, after every round and
     when a round raises, so a crashed run still has its entry. Returns (model, round lines)."""
     run_dir = Path(run_dir)
+    with run_lock(run_dir):
+        return _run_loop(model, tok, p, run_dir, progress, report or (lambda d, **kw: None))
+
+
+def _run_loop(model, tok, p: Params, run_dir: Path, progress: bool, report):
     demo = demos.load_demo(p)
     model, history, start, stopped = resume(model, p, run_dir)
-    report = report or (lambda d, **kw: None)
     try:
         base, _ = once_per_run(model, tok, p, run_dir, demo, progress)
         report(run_dir)
@@ -282,6 +335,9 @@ def run_loop(model, tok, p: Params, run_dir: Path, progress: bool = True, report
                 print(f"stopping after round {k}: {line['stop_reason']}")
                 break
     except BaseException as e:
-        report(run_dir, error=f"{type(e).__name__}: {e}")
+        try:
+            report(run_dir, error=f"{type(e).__name__}: {e}")
+        except Exception as report_error:  # never let the report hide why the run stopped
+            print(f"writing the entry after the crash failed too: {report_error!r}")
         raise
     return model, completed_rounds(read_metrics(run_dir))

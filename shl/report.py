@@ -35,10 +35,11 @@ def _cell(text: str, n: int = 220) -> str:
     return text if len(text) <= n else text[:n] + " …"
 
 
-def dropped_sample(run_dir: Path, k: int) -> dict | None:
-    """A raw steered completion of round k that the filter dropped: the first at the highest dose."""
+def dropped_sample(run_dir: Path, k: int, coeff: float) -> dict | None:
+    """A raw steered completion of round k that the filter dropped, the first at the dose nearest
+    `coeff` (the settled dose the round trained on)."""
     dropped = [r for r in read_jsonl(run_dir / f"generated_r{k}.jsonl") if not r["kept"]]
-    return max(dropped, key=lambda r: r["coeff"]) if dropped else None
+    return min(dropped, key=lambda r: abs(r["coeff"] - coeff)) if dropped else None
 
 
 def day_night(run_dir: Path, rounds: list[dict]) -> str:
@@ -49,7 +50,7 @@ def day_night(run_dir: Path, rounds: list[dict]) -> str:
     rows = [{"round": "base", "dropped steered sample": "", "greedy answer": _cell(base[0]["text"]) if base else ""}]
     for r in rounds:
         k = r["round"]
-        d = dropped_sample(run_dir, k)
+        d = dropped_sample(run_dir, k, r["coeff"])
         demo = read_jsonl(run_dir / f"demos_r{k}.jsonl")
         rows.append({"round": str(k),
                      "dropped steered sample": (f"({', '.join(d['reasons'])}, coeff {d['coeff']:.2f}) {_cell(d['completion'])}"
@@ -98,8 +99,8 @@ def report(run_dir: Path, error: str = "") -> Path:
     baseline = next((r for r in lines if r["stage"] == "prompt_baseline"), None)
 
     if error:
-        status = (f"**Interrupted** during round {len(rounds)}: `{_cell(error, 300)}`. Re-run with the same "
-                  "`run_dir` and parameters to resume after the last finished round.")
+        status = (f"**Interrupted** after {len(rounds)} finished round(s): `{_cell(error, 300)}`. Re-run with the "
+                  "same `run_dir` and parameters to resume after the last finished round.")
     elif rounds and rounds[-1]["stopped"]:
         status = f"**Stopped** after round {rounds[-1]['round']}: {rounds[-1]['stop_reason']}."
     elif len(rounds) < p.rounds:

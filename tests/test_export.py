@@ -128,3 +128,15 @@ def test_the_embedded_model_exports_too(embedded, tmp_path):
     torch.testing.assert_close(_logits(merged), want, atol=1e-3, rtol=1e-4)
     with model.disable_adapter():
         assert (_logits(model) - want).abs().max() > 1e-2
+
+
+def test_a_round_that_stopped_the_loop_is_merged_with_a_warning(run, tmp_path, capsys):
+    run_dir = tmp_path / "stopped"
+    shutil.copytree(run[0], run_dir)
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    lines[-1] = json.dumps({"stage": "round", "round": 1, "stopped": True, "stop_reason": "coherence 0.1 < 0.5 x base"})
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    export_merged(run_dir, tmp_path / "merged")
+    assert "warning: round 1 stopped the loop (coherence 0.1 < 0.5 x base); --rounds 1" in capsys.readouterr().out
+    export_merged(run_dir, tmp_path / "before", rounds=1)
+    assert "warning" not in capsys.readouterr().out

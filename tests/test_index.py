@@ -79,7 +79,7 @@ def test_good_run_headline_matches_the_crafted_numbers(journal):
 
 def test_each_problem_is_reported_in_its_row(journal):
     rows = _rows(journal)
-    assert rows[TRUNC]["status"] == "metrics.jsonl line 6 is not JSON (truncated?); read 5 lines"
+    assert rows[TRUNC]["status"] == "metrics.jsonl line 6 is not JSON (truncated?); read 5 lines; unfinished: 1 of 2 rounds"
     assert rows[TRUNC]["rounds"] == 1 and rows[TRUNC]["verdict"] == "pass"  # the lines before it count
     assert rows[NO_METRICS]["status"] == "no metrics.jsonl"
     assert rows[OLD_KEY]["status"].startswith("params.yaml rejected by the current code: unknown parameter 'old_knob'")

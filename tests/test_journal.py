@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 import yaml
@@ -97,8 +98,9 @@ def test_default_run_dir_steps_past_a_cloned_loop_folder_without_its_adapters(tm
     _, d1 = journal.resolve_run("tiny", "", {}, "04_loop")
     journal.append_metrics(d1, {"stage": "round", "round": 0})
     (d1 / "adapters" / "r0").mkdir(parents=True)
+    (d1 / "adapters" / "r0" / "adapter_config.json").write_text("{}")
     _, again = journal.resolve_run("tiny", "", {}, "04_loop")
     assert again == d1  # its adapters are there: resumable
-    (d1 / "adapters" / "r0").rmdir()  # as after `git clone`: adapter weights are not committed
+    shutil.rmtree(d1 / "adapters")  # as after `git clone`: adapter weights are not committed
     _, d2 = journal.resolve_run("tiny", "", {}, "04_loop")
     assert d2 == d1.with_name(d1.name + "_2")

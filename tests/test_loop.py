@@ -1,7 +1,6 @@
 """The loop (04): resume after a crash reproduces the uninterrupted run, half rounds are
 discarded, the entry survives a crash, and the headline's verdicts."""
 import json
-import math
 
 import pytest
 
@@ -53,35 +52,105 @@ def test_a_run_leaves_the_contract_files_and_one_round_line_per_round(uninterrup
         assert (run / f"{name}.png").exists()
 
 
-def test_resume_after_a_crash_in_round_2_gives_the_uninterrupted_round_2(uninterrupted, tmp_path, monkeypatch):
-    whole, whole_rounds = uninterrupted
-    p = load_params("tiny")
-    run = prepare_run_dir(tmp_path / "crashed", p)
-    real_heal = heal.heal
+def _die_in_heal(monkeypatch):
+    real = heal.heal
 
     def heal_that_dies_in_round_2(model, tok, records, p, round_idx, history, progress=True):
         if round_idx == 1:
             raise KeyboardInterrupt("simulated kill in round 2")
-        return real_heal(model, tok, records, p, round_idx, history, progress)
-
+        return real(model, tok, records, p, round_idx, history, progress)
     monkeypatch.setattr(heal, "heal", heal_that_dies_in_round_2)
-    with pytest.raises(KeyboardInterrupt):
-        _loop(run, p)
-    # the crash left round 1's first stages behind, and an entry that says so
-    assert [r["round"] for r in loop.completed_rounds(read_metrics(run))] == [0]
-    assert any(r["stage"] == "steered" and r["round"] == 1 for r in read_metrics(run))
-    assert "Interrupted" in (run / "entry.md").read_text()
 
-    monkeypatch.setattr(heal, "heal", real_heal)
+
+def _die_after_the_adapter_is_saved(monkeypatch):
+    real = loop.round_student_vector
+
+    def dies(model, tok, contexts, layers, before, after, batch_size, progress):
+        if len(before) == 1:  # round 2: heal line, adapter, heal plot, healed eval and demos are written
+            raise KeyboardInterrupt("simulated kill in round 2, after its adapter was saved")
+        return real(model, tok, contexts, layers, before, after, batch_size, progress)
+    monkeypatch.setattr(loop, "round_student_vector", dies)
+
+
+def _die_in_the_prompting_baseline(monkeypatch):
+    real = loop.evaluate
+
+    def dies(model, tok, system=None, **kw):
+        if system is not None:
+            raise KeyboardInterrupt("simulated kill in the once-per-run evals")
+        return real(model, tok, system=system, **kw)
+    monkeypatch.setattr(loop, "evaluate", dies)
+
+
+@pytest.mark.parametrize("crash", [_die_in_heal, _die_after_the_adapter_is_saved, _die_in_the_prompting_baseline],
+                         ids=["in-heal", "after-adapter-saved", "in-once-per-run"])
+def test_resume_after_a_crash_gives_the_uninterrupted_run(uninterrupted, tmp_path, monkeypatch, crash):
+    whole, whole_rounds = uninterrupted
+    p = load_params("tiny")
+    run = prepare_run_dir(tmp_path / "crashed", p)
+    with monkeypatch.context() as m:
+        crash(m)
+        with pytest.raises(KeyboardInterrupt):
+            _loop(run, p)
+    # the crash left a half-finished stage behind, and an entry that says so
+    assert "Interrupted" in (run / "entry.md").read_text()
+    if crash is _die_after_the_adapter_is_saved:
+        assert (run / "adapters/r1/adapter_config.json").exists() and (run / "heal_r1.png").exists()
+        assert [r["round"] for r in loop.completed_rounds(read_metrics(run))] == [0]
+
     _, rounds = _loop(run, p)
     assert [r["round"] for r in rounds] == [0, 1]
-    assert _stable(rounds[1]) == _stable(whole_rounds[1])
-    for stage in ("steered", "healed"):
-        lines = [r for r in read_metrics(run) if r["stage"] == stage and r["round"] == 1]
-        want = [r for r in read_metrics(whole) if r["stage"] == stage and r["round"] == 1]
-        assert len(lines) == 1 and _stable(lines[0]) == _stable(want[0])  # the half round was discarded
-    assert [r["stage"] for r in read_metrics(run)] == [r["stage"] for r in read_metrics(whole)]
+    assert [_stable(r) for r in rounds] == [_stable(r) for r in whole_rounds]
+    got, want = read_metrics(run), read_metrics(whole)
+    assert [(r["stage"], r["round"]) for r in got] == [(r["stage"], r["round"]) for r in want]  # nothing doubled
+    assert [_stable(r) for r in got] == [_stable(r) for r in want]
     assert "Interrupted" not in (run / "entry.md").read_text()
+    assert not (run / ".lock").exists()
+
+
+def test_resume_refuses_a_model_that_still_carries_a_crashed_rounds_adapter(tmp_path, monkeypatch):
+    p = load_params("tiny")
+    run = prepare_run_dir(tmp_path / "crashed", p)
+    model, tok = load_model("tiny-random", "float32", "cpu")
+    with monkeypatch.context() as m:
+        _die_after_the_adapter_is_saved(m)
+        m.setattr(loop, "round_student_vector", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_loop(model, tok, p, run, progress=False)
+    # heal wrapped `model` in place: r0 sits in it, never saved as a finished round
+    with pytest.raises(RuntimeError, match="already carries LoRA adapters"):
+        loop.run_loop(model, tok, p, run, progress=False)
+
+
+def test_the_loop_stops_at_the_coherence_floor_and_a_resume_does_not_go_on(tmp_path, monkeypatch):
+    p = load_params("tiny", coh_floor=0.5)
+    run = prepare_run_dir(tmp_path / "stops", p)
+    real = loop.log_eval
+
+    def collapsing(run_dir, result, stage, round=-1, **extra):
+        if stage == "healed":
+            result.summary["coherence"] *= 0.1
+        return real(run_dir, result, stage, round, **extra)
+    monkeypatch.setattr(loop, "log_eval", collapsing)
+    _, rounds = _loop(run, p)
+    assert [r["round"] for r in rounds] == [0] and rounds[0]["stopped"]
+    assert "coh_floor 0.5" in rounds[0]["stop_reason"]
+    entry = (run / "entry.md").read_text()
+    assert "**Stopped** after round 0" in entry and "Verdict: broken" in entry
+    _, again = _loop(run, p)
+    assert again == rounds
+
+
+def test_a_second_loop_on_the_same_folder_is_refused_while_the_first_runs(tmp_path):
+    import os
+    run = prepare_run_dir(tmp_path / "busy", load_params("tiny"))
+    (run / ".lock").write_text(str(os.getppid()))  # a live process that is not this one
+    with pytest.raises(RuntimeError, match="in use by process"):
+        loop.run_loop(None, None, load_params("tiny"), run)
+    (run / ".lock").write_text("999999999")  # a dead one: its lock is taken over
+    with loop.run_lock(run):
+        assert (run / ".lock").read_text() == str(os.getpid())
+    assert not (run / ".lock").exists()
 
 
 def test_a_finished_run_resumes_to_nothing_and_keeps_its_metrics(uninterrupted):
@@ -135,4 +204,11 @@ def test_headline_verdicts(healed, verdict):
     assert head["d_trait"] == pytest.approx(-(healed["authority_nats"] + 3.0))
     assert head["cost"] == pytest.approx(abs(healed["coherence"] - 0.6) / abs(head["d_trait"]))
     assert loop.headline(lines[:1], "authority", -1, 0.5) is None
-    assert math.isfinite(head["steered_d_trait"])
+    assert head["steered_d_trait"] == pytest.approx(2.0)
+
+
+def test_headline_ignores_the_healed_eval_of_an_unfinished_round():
+    lines = [_eval("base", -1, 0.6, authority=-3.0), _eval("steered", 0, 0.3, authority=-5.0),
+             _eval("healed", 0, 0.55, authority=-4.0, care=-1.8), {"stage": "round", "round": 0},
+             _eval("steered", 1, 0.2, authority=-6.0), _eval("healed", 1, 0.1, authority=-2.0)]
+    assert loop.headline(lines, "authority", -1, 0.5)["round"] == 0
