@@ -18,41 +18,29 @@ from pathlib import Path
 
 from shl import heal
 from shl.journal import PARAMS_FILE, read_metrics
-from shl.loop import completed_rounds
+from shl.loop import completed_rounds, saved_history
 from shl.models import load_model
 from shl.params import ParamError, load_params
 
 MANIFEST = "shl_export.json"
 
 
-def _recreate_hint(run_dir: Path) -> str:
-    return ("adapter weights are not committed to git: re-create the run in a new folder with "
-            f"`python -m shl.run notebooks/04_loop.ipynb --params {run_dir / PARAMS_FILE}`, then export that folder")
-
-
 def adapters_to_merge(run_dir: Path, rounds: int | None = None) -> dict[str, Path]:
     """{r0: path, ..., r{N-1}: path} of the finished rounds to merge; errors say what to do."""
     run_dir = Path(run_dir)
     try:
-        done = [r["round"] for r in completed_rounds(read_metrics(run_dir))]
+        paths = saved_history(run_dir)
     except json.JSONDecodeError as e:
         raise ValueError(f"{run_dir}/metrics.jsonl is not valid JSON lines ({e}): a truncated file? "
                          "`python -m shl.index` shows which line") from e
-    if not done:
+    if not paths:
         raise ValueError(f"{run_dir} has no finished loop round (no `round` line in metrics.jsonl): "
                          "export takes a 04_loop run folder")
-    if done != list(range(len(done))):
-        raise ValueError(f"{run_dir}/metrics.jsonl has round lines {done}, not 0..k in order: it was edited by hand")
-    n = len(done) if rounds is None else rounds
-    if not 1 <= n <= len(done):
-        raise ValueError(f"rounds={rounds}, but {run_dir} finished rounds 0..{len(done) - 1}: "
-                         f"give --rounds between 1 and {len(done)}")
-    paths = {f"r{k}": run_dir / "adapters" / f"r{k}" for k in range(n)}
-    missing = [name for name, path in paths.items() if not (path / "adapter_config.json").exists()]
-    if missing:
-        raise RuntimeError(f"{run_dir} finished rounds {list(paths)} but adapters {missing} are not in "
-                           f"{run_dir / 'adapters'}; {_recreate_hint(run_dir)}")
-    return paths
+    n = len(paths) if rounds is None else rounds
+    if not 1 <= n <= len(paths):
+        raise ValueError(f"rounds={rounds}, but {run_dir} finished rounds 0..{len(paths) - 1}: "
+                         f"give --rounds between 1 and {len(paths)}")
+    return dict(list(paths.items())[:n])
 
 
 def _check_out_dir(out_dir: Path):

@@ -132,6 +132,23 @@ def discard_partial(run_dir: Path, next_round: int) -> list[str]:
     return gone
 
 
+def saved_history(run_dir: Path) -> dict[str, Path]:
+    """{r0: adapters/r0, ...} of the finished rounds, after checking that the round lines run
+    0..k in order and that every adapter is on disk (it is not in git: a clone has none)."""
+    run_dir = Path(run_dir)
+    done = [r["round"] for r in completed_rounds(read_metrics(run_dir))]
+    if done != list(range(len(done))):
+        raise RuntimeError(f"{run_dir}/metrics.jsonl has round lines {done}, not 0..k in order: "
+                           "it was edited by hand; start a new run_dir")
+    paths = {f"r{k}": run_dir / "adapters" / f"r{k}" for k in done}
+    missing = [name for name, path in paths.items() if not (path / "adapter_config.json").exists()]
+    if missing:
+        raise RuntimeError(f"{run_dir} finished rounds {list(paths)} but adapters {missing} are not in adapters/ "
+                           "(adapter weights are not committed to git): re-create the run in a new folder with "
+                           f"`python -m shl.run notebooks/04_loop.ipynb --params {run_dir / 'params.yaml'}`")
+    return paths
+
+
 def resume(model, p: Params, run_dir: Path) -> tuple[object, list[str], int, bool]:
     """Load the adapters of the completed rounds as frozen history and discard a half-written round.
 
@@ -143,20 +160,13 @@ def resume(model, p: Params, run_dir: Path) -> tuple[object, list[str], int, boo
         raise RuntimeError("the model already carries LoRA adapters; resume loads the saved ones itself: "
                            "load the model again (shl.load_model) and re-run")
     done = completed_rounds(read_metrics(run_dir))
-    if [r["round"] for r in done] != list(range(len(done))):
-        raise RuntimeError(f"{run_dir}/metrics.jsonl has round lines {[r['round'] for r in done]}, "
-                           "not 0..k in order: it was edited by hand; start a new run_dir")
-    history = [f"r{r['round']}" for r in done]
-    missing = [h for h in history if not (run_dir / "adapters" / h / "adapter_config.json").exists()]
-    if missing:
-        raise RuntimeError(f"{run_dir} finished rounds {history} but adapters {missing} are not in adapters/ "
-                           "(adapter weights are not committed to git): re-create the run in a new folder with "
-                           f"`python -m shl.run notebooks/04_loop.ipynb --params {run_dir / 'params.yaml'}`")
+    paths = saved_history(run_dir)
+    history = list(paths)
     gone = discard_partial(run_dir, len(done))
     if gone:
         print(f"discarded a half-written round {len(done)}: {', '.join(gone)}")
     if history:
-        model = heal.load_adapters(model, {h: run_dir / "adapters" / h for h in history})
+        model = heal.load_adapters(model, paths)
         print(f"resuming {run_dir.name} after round {len(done) - 1}: adapters {history} loaded")
     stopped = bool(done and done[-1].get("stopped"))
     return model, history, len(done), stopped
