@@ -38,8 +38,6 @@ params = "default"  # a preset name under params/, or a path to a YAML file
 run_dir = ""  # the run folder, empty for the default under journal/
 
 # %%
-import json
-
 import pandas as pd
 from tqdm.auto import tqdm
 
@@ -117,7 +115,7 @@ for c in tqdm(P.sweep_coeffs, desc="sweep"):
     SAMPLES.append({"coeff": coeff, "prompt": DEMO.demo_prompts[0], "answer": answer})
 answer0 = generate_texts(model, tok, [demo_prompt], P.demo_max_new_tokens, progress=False)[0]
 SAMPLES.insert(0, {"coeff": 0.0, "prompt": DEMO.demo_prompts[0], "answer": answer0})
-(RUN / "samples_sweep.jsonl").write_text("".join(json.dumps(s) + "\n" for s in SAMPLES))
+shl.journal.write_jsonl(RUN / "samples_sweep.jsonl", SAMPLES)
 table = pd.DataFrame(SWEEP)[["coeff", TRAIT, "care_nats", "fairness_nats", "coherence", "top1_acc"]]
 table["trait_move"] = [DEMO.trait_move(r[TRAIT], BASE[TRAIT]) for r in SWEEP]
 table["coh_vs_base"] = table.coherence / BASE["coherence"]

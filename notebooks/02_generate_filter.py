@@ -35,8 +35,6 @@ params = "default"  # a preset name under params/, or a path to a YAML file
 run_dir = ""  # the run folder, empty for the default under journal/
 
 # %%
-import json
-
 import pandas as pd
 from tqdm.auto import tqdm
 
@@ -96,7 +94,7 @@ for name, group in BORDER.items():
 
 # %%
 def save_trace(trace):
-    (RUN / "walk_c_trace.jsonl").write_text("".join(json.dumps(t) + "\n" for t in trace))
+    shl.journal.write_jsonl(RUN / "walk_c_trace.jsonl", trace)
     (RUN / "walk_c_survival.txt").write_text(generate.survival_table(trace) + "\n")
 
 
@@ -104,8 +102,8 @@ KEPT, KAPPA, TRACE, ALL = filt.generate_and_filter(model, tok, vec, DEMO, P, see
 save_trace(TRACE)
 for i, t in enumerate(TRACE):
     shl.append_metrics(RUN, filt.filter_line([r for r in ALL if r["batch"] == i], f"walk_c_{t['phase']}"))
-(RUN / "kept.jsonl").write_text("".join(json.dumps(r) + "\n" for r in KEPT))
-(RUN / "generated.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ALL))
+shl.journal.write_jsonl(RUN / "kept.jsonl", KEPT)
+shl.journal.write_jsonl(RUN / "generated.jsonl", ALL)
 print(generate.survival_table(TRACE))
 print(f"\nsettled kappa {KAPPA:.3f} (coeff {KAPPA * P.steer_coeff:.3f}); kept {len(KEPT)} of {len(ALL)} generated")
 fig = plots.plot_walk(TRACE, P.gen_pass_target)

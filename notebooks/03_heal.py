@@ -36,7 +36,6 @@ run_dir = ""  # the run folder, empty for the default under journal/
 
 # %%
 import copy
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -64,7 +63,7 @@ LAYERS = steer.band_layers(steer.num_layers(model), P.steer_band)
 # %%
 if P.kept_from:
     src = Path(P.kept_from)
-    KEPT = [json.loads(x) for x in (src / "kept.jsonl").read_text().splitlines()]
+    KEPT = shl.journal.read_jsonl(src / "kept.jsonl")
     vec = steer.Vector.load(src / "vector_r0.pt")
     COEFF = sum(r["coeff"] for r in KEPT) / len(KEPT)  # walk-C banks survivors of several doses
 else:
@@ -72,7 +71,7 @@ else:
     vec = steer.extract(model, tok, DEMO.pos, DEMO.neg, demos.load_contexts(P), LAYERS, P.extract_batch_size)
     KEPT, kappa, trace, _ = filt.generate_and_filter(model, tok, vec, DEMO, P, seed=P.seed)
     COEFF = sum(r["coeff"] for r in KEPT) / len(KEPT)  # walk-C banks survivors of several doses
-    (RUN / "kept.jsonl").write_text("".join(json.dumps(r) + "\n" for r in KEPT))
+    shl.journal.write_jsonl(RUN / "kept.jsonl", KEPT)
 vec.save(RUN / "vector_r0.pt")
 print(f"{len(KEPT)} kept completions; their mean steering coefficient {COEFF:.3f} is the steered eval's dose")
 
@@ -99,7 +98,7 @@ model, LOG = heal.heal(model, tok, KEPT, P, round_idx=0, history=[])
 heal.save_adapter(model, "r0", RUN / "adapters" / "r0")
 HEAL = heal.summary_line(LOG, P, 0)
 shl.append_metrics(RUN, HEAL)
-(RUN / "heal_log.jsonl").write_text("".join(json.dumps(s) + "\n" for s in LOG["steps"]))
+shl.journal.write_jsonl(RUN / "heal_log.jsonl", LOG["steps"])
 pd.DataFrame(LOG["steps"]).round(4)
 
 # %%

@@ -49,7 +49,6 @@ from shl import demos, index, loop, plots, report
 
 P, RUN = shl.start_run(globals(), "04_loop")
 DEMO = demos.load_demo(P)
-TRAIT = f"{DEMO.trait_foundation}_nats"
 print(f"run folder: {RUN}\nmodel: {P.model}  demo: {DEMO.name}  rounds: {P.rounds}  reg: {P.reg}  lam: {P.lam}  "
       f"tau: {P.tau}  barrier_ref: {P.barrier_ref}  coh_floor: {P.coh_floor}")
 
@@ -98,7 +97,7 @@ display(Markdown(report.timing_table(LINES, ROUNDS)))
 # ## Demo answers down the rounds (greedy)
 
 # %%
-answers = [loop.read_jsonl(RUN / "demos_base.jsonl")] + [loop.read_jsonl(RUN / f"demos_r{r['round']}.jsonl") for r in ROUNDS]
+answers = [shl.journal.read_jsonl(RUN / "demos_base.jsonl")] + [shl.journal.read_jsonl(RUN / f"demos_r{r['round']}.jsonl") for r in ROUNDS]
 for i, prompt in enumerate(DEMO.demo_prompts[:2]):
     print(f"PROMPT: {prompt}")
     for rows in answers:

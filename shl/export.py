@@ -17,8 +17,7 @@ import tempfile
 from pathlib import Path
 
 from shl import heal
-from shl.journal import PARAMS_FILE, read_metrics
-from shl.loop import completed_rounds, saved_history
+from shl.journal import PARAMS_FILE, completed_rounds, read_metrics, saved_history
 from shl.models import load_model
 from shl.params import ParamError, load_params
 

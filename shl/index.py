@@ -22,8 +22,8 @@ import yaml
 from matplotlib.ticker import MaxNLocator
 
 from shl.demos import load_demo
-from shl.journal import JOURNAL, METRICS_FILE, PARAMS_FILE, REPO, _atomic_write, md_table
-from shl.loop import completed_rounds, headline
+from shl.journal import JOURNAL, METRICS_FILE, PARAMS_FILE, REPO, _atomic_write, completed_rounds, md_cell, md_table
+from shl.loop import headline
 from shl.params import FIELDS, ParamError, Params, load_params
 
 INDEX_FILE, OVERLAY_FILE = "index.md", "index_overlay.png"
@@ -172,21 +172,9 @@ def scan(journal: Path) -> list[dict]:
     return rows
 
 
-def _cell(v, width: int | None = None) -> object:
-    """A markdown-safe table cell, cut to `width`; floats stay floats so md_table rounds them."""
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return v
-    if isinstance(v, list):
-        v = "[" + ", ".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v) + "]"
-    text = " ".join(str(v).split()).replace("|", "\\|")
-    return text if width is None or len(text) <= width else text[:width - 3] + "..."
-
-
 def _param_cell(v) -> object:
     # as written (1e-3, not md_table's 0.001 rounding), and cut: a persona prompt is a paragraph
-    return _cell(f"{v:g}" if isinstance(v, float) else v, width=60)
+    return md_cell(f"{v:g}" if isinstance(v, float) else v, width=60)
 
 
 def render(rows: list[dict]) -> str:
@@ -197,7 +185,7 @@ def render(rows: list[dict]) -> str:
     for r in rows:
         t = {"run": r["run"], "notebook": r["notebook"], "status": r["status"], "rounds done": r["rounds"],
              "base coh": r.get("base_coherence"), **{k: r.get(k) for k in HEADLINE_KEYS}}
-        t = {k: _cell(v) for k, v in t.items()}
+        t = {k: md_cell(v) for k, v in t.items()}
         t.update({k: _param_cell(r["params"].get(k)) for k in keys})
         table_rows.append(t)
     text = ("# Results index\n\n"

@@ -62,16 +62,46 @@ def _params_diff(run_dir: Path, p: Params) -> dict:
     return diff_params(yaml.safe_load(path.read_text()) or {}, p.to_dict()) if path.exists() else {}
 
 
-def _adapters_missing(run_dir: Path) -> bool:
-    """A loop folder with finished rounds but without their adapters (a cloned, committed run:
-    adapter weights stay out of git) cannot be resumed; a default folder steps past it."""
+def write_jsonl(path: Path, rows: list[dict]):
+    _atomic_write(Path(path), "".join(json.dumps(r, default=float) + "\n" for r in rows))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file; [] when it does not exist."""
+    path = Path(path)
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
+def completed_rounds(lines: list[dict]) -> list[dict]:
+    """The `round` lines of a loop run (each marks a finished round), in round order."""
+    return sorted((r for r in lines if r.get("stage") == "round"), key=lambda r: r["round"])
+
+
+def saved_history(run_dir: Path) -> dict[str, Path]:
+    """{r0: adapters/r0, ...} of the finished rounds, after checking that the round lines run
+    0..k in order and that every adapter is on disk (it is not in git: a clone has none)."""
+    run_dir = Path(run_dir)
+    done = [r["round"] for r in completed_rounds(read_metrics(run_dir))]
+    if done != list(range(len(done))):
+        raise RuntimeError(f"{run_dir}/metrics.jsonl has round lines {done}, not 0..k in order: "
+                           "it was edited by hand; start a new run_dir")
+    paths = {f"r{k}": run_dir / "adapters" / f"r{k}" for k in done}
+    missing = [name for name, path in paths.items() if not (path / "adapter_config.json").exists()]
+    if missing:
+        raise RuntimeError(f"{run_dir} finished rounds {list(paths)} but adapters {missing} are not in adapters/ "
+                           "(adapter weights are not committed to git): re-create the run in a new folder with "
+                           f"`python -m shl.run notebooks/04_loop.ipynb --params {run_dir / PARAMS_FILE}`")
+    return paths
+
+
+def _resumable(run_dir: Path) -> bool:
+    """A loop folder with finished rounds but without their adapters (a cloned, committed run)
+    or with a truncated metrics file cannot be resumed; a default folder steps past it."""
     try:
-        lines = read_metrics(run_dir)
-    except json.JSONDecodeError:  # a truncated metrics file: not a folder to resume either
-        return True
-    return any(r.get("stage") == "round"
-               and not (Path(run_dir) / "adapters" / f"r{r['round']}" / "adapter_config.json").exists()
-               for r in lines)
+        saved_history(run_dir)
+    except (RuntimeError, json.JSONDecodeError):
+        return False
+    return True
 
 
 def prepare_run_dir(run_dir: Path, p: Params) -> Path:
@@ -96,7 +126,7 @@ def resolve_run(preset: str, run_dir: str, overrides: dict, notebook: str) -> tu
         return p, prepare_run_dir(Path(run_dir), p)
     base = default_run_dir(notebook, p, overrides)
     candidate, i = base, 2
-    while _params_diff(candidate, p) or _adapters_missing(candidate):
+    while _params_diff(candidate, p) or not _resumable(candidate):
         candidate, i = base.with_name(f"{base.name}_{i}"), i + 1
     return p, prepare_run_dir(candidate, p)
 
@@ -120,8 +150,7 @@ def append_metrics(run_dir: Path, record: dict):
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return read_jsonl(Path(run_dir) / METRICS_FILE)
 
 
 def seed_everything(seed: int):
@@ -136,7 +165,7 @@ def log_eval(run_dir: Path, result, stage: str, round: int = -1, **extra) -> dic
     append_metrics(run_dir, record)
     rows_dir = Path(run_dir) / "evals"
     rows_dir.mkdir(exist_ok=True)
-    _atomic_write(rows_dir / f"{stage}_r{round}.jsonl", "".join(json.dumps(r) + "\n" for r in result.rows))
+    write_jsonl(rows_dir / f"{stage}_r{round}.jsonl", result.rows)
     return record
 
 
@@ -152,6 +181,19 @@ def write_entry(run_dir: Path, title: str, body: str):
                 else f"{FINDINGS}\n\n_(for the researcher: what this run shows, what to try next)_\n")
     _atomic_write(path, f"# {title}\n\n{body.strip()}\n\n{findings}")
     return path
+
+
+def md_cell(v, width: int | None = None) -> object:
+    """A markdown-safe table cell: one line, pipes escaped, cut to `width`; floats stay floats so
+    md_table rounds them."""
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return v
+    if isinstance(v, list):
+        v = "[" + ", ".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v) + "]"
+    text = " ".join(str(v).split()).replace("|", "\\|")
+    return text if width is None or len(text) <= width else text[:width - 3] + "..."
 
 
 def md_table(rows: list[dict], cols: list[str], digits: int = 3) -> str:

@@ -14,7 +14,6 @@ uninterrupted one.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -26,7 +25,8 @@ from peft.tuners.lora import LoraLayer
 
 from shl import demos, filter as filt, heal, plots, steer
 from shl.generate import generate_texts
-from shl.journal import _atomic_write, append_metrics, log_eval, read_metrics
+from shl.journal import (append_metrics, completed_rounds, log_eval, read_jsonl, read_metrics, saved_history,
+                         write_jsonl)
 from shl.mfv import eval_kwargs, evaluate
 from shl.models import chat_prompt
 from shl.params import FOUNDATIONS, Params
@@ -46,15 +46,6 @@ def below_floor(coherence: float, base_coherence: float, coh_floor: float) -> bo
 def round_seed(p: Params, k: int) -> int:
     """Seed of round k's sampling; walk-C adds its batch index (< gen_max_batches) to it."""
     return p.seed + 100_003 * (k + 1)
-
-
-def _write_jsonl(path: Path, rows: list[dict]):
-    _atomic_write(path, "".join(json.dumps(r, default=float) + "\n" for r in rows))
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    path = Path(path)
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
 
 
 # --- the headline and verdict -----------------------------------------------------------------
@@ -101,10 +92,6 @@ def headline(lines: list[dict], trait_foundation: str, trait_sign: int, coh_floo
 
 # --- resume -----------------------------------------------------------------------------------
 
-def completed_rounds(lines: list[dict]) -> list[dict]:
-    return sorted((r for r in lines if r.get("stage") == "round"), key=lambda r: r["round"])
-
-
 def discard_partial(run_dir: Path, next_round: int) -> list[str]:
     """Drop every metrics line and file of rounds >= next_round (a half-written round).
     Returns what was discarded, for the log."""
@@ -118,7 +105,7 @@ def discard_partial(run_dir: Path, next_round: int) -> list[str]:
     keep = [r for r in lines if r.get("round", -1) < next_round]
     if len(keep) < len(lines):
         gone.append(f"{len(lines) - len(keep)} metrics lines")
-        _write_jsonl(run_dir / "metrics.jsonl", keep)
+        write_jsonl(run_dir / "metrics.jsonl", keep)
     k = next_round
     while True:  # a crash leaves files of one round at most, but clean any that are there
         paths = [run_dir / f.format(k=k) for f in ROUND_FILES] + [run_dir / "adapters" / f"r{k}"]
@@ -130,23 +117,6 @@ def discard_partial(run_dir: Path, next_round: int) -> list[str]:
             gone.append(str(q.relative_to(run_dir)))
         k += 1
     return gone
-
-
-def saved_history(run_dir: Path) -> dict[str, Path]:
-    """{r0: adapters/r0, ...} of the finished rounds, after checking that the round lines run
-    0..k in order and that every adapter is on disk (it is not in git: a clone has none)."""
-    run_dir = Path(run_dir)
-    done = [r["round"] for r in completed_rounds(read_metrics(run_dir))]
-    if done != list(range(len(done))):
-        raise RuntimeError(f"{run_dir}/metrics.jsonl has round lines {done}, not 0..k in order: "
-                           "it was edited by hand; start a new run_dir")
-    paths = {f"r{k}": run_dir / "adapters" / f"r{k}" for k in done}
-    missing = [name for name, path in paths.items() if not (path / "adapter_config.json").exists()]
-    if missing:
-        raise RuntimeError(f"{run_dir} finished rounds {list(paths)} but adapters {missing} are not in adapters/ "
-                           "(adapter weights are not committed to git): re-create the run in a new folder with "
-                           f"`python -m shl.run notebooks/04_loop.ipynb --params {run_dir / 'params.yaml'}`")
-    return paths
 
 
 def resume(model, p: Params, run_dir: Path) -> tuple[object, list[str], int, bool]:
@@ -185,7 +155,7 @@ def once_per_run(model, tok, p: Params, run_dir: Path, demo: demos.Demo, progres
                 res = evaluate(model, tok, system=system, progress=progress, **eval_kwargs(p))
                 lines[stage] = log_eval(run_dir, res, stage)
         if not (run_dir / "demos_base.jsonl").exists():
-            _write_jsonl(run_dir / "demos_base.jsonl", demo_rows(model, tok, p, demo, "base", -1))
+            write_jsonl(run_dir / "demos_base.jsonl", demo_rows(model, tok, p, demo, "base", -1))
     return lines["base"], lines["prompt_baseline"]
 
 
@@ -200,13 +170,10 @@ def demo_rows(model, tok, p: Params, demo: demos.Demo, stage: str, k: int) -> li
 
 def round_student_vector(model, tok, contexts: list[str], layers: list[int], before: list[str], after: list[str],
                          batch_size: int, progress: bool) -> steer.Vector:
-    """mean(h_after(x) - h_before(x)) under a neutral prompt: what this round's adapter moved."""
-    prompts = [chat_prompt(tok, x) for x in contexts]
-    with heal.adapters(model, after):
-        h_after = steer.last_token_states(model, tok, prompts, layers, batch_size, progress, "student")
-    with heal.adapters(model, before):
-        h_before = steer.last_token_states(model, tok, prompts, layers, batch_size, progress, "teacher ref")
-    return steer.Vector({l: (h_after[l] - h_before[l]).mean(0) for l in layers}, {"method": "round_student"})
+    """What this round's adapter moved: the history + r{k} (after) vs the history (before)."""
+    return steer.student_vector(model, tok, contexts, layers, batch_size=batch_size, progress=progress,
+                                student=lambda: heal.adapters(model, after),
+                                reference=lambda: heal.adapters(model, before))
 
 
 def run_round(model, tok, p: Params, run_dir: Path, demo: demos.Demo, k: int, history: list[str], base: dict,
@@ -232,9 +199,9 @@ def run_round(model, tok, p: Params, run_dir: Path, demo: demos.Demo, k: int, hi
 
     kept, kappa, trace, records = filt.generate_and_filter(
         model, tok, vec, demo, p, seed=round_seed(p, k), progress=progress,
-        on_starve=lambda tr: _write_jsonl(run_dir / f"walk_c_r{k}.jsonl", tr))
-    _write_jsonl(run_dir / f"generated_r{k}.jsonl", records)
-    _write_jsonl(run_dir / f"walk_c_r{k}.jsonl", trace)
+        on_starve=lambda tr: write_jsonl(run_dir / f"walk_c_r{k}.jsonl", tr))
+    write_jsonl(run_dir / f"generated_r{k}.jsonl", records)
+    write_jsonl(run_dir / f"walk_c_r{k}.jsonl", trace)
     for b in sorted({r["batch"] for r in records}):
         append_metrics(run_dir, dict(filt.filter_line([r for r in records if r["batch"] == b], "walk_c"),
                                      round=k, batch=b))
@@ -248,7 +215,7 @@ def run_round(model, tok, p: Params, run_dir: Path, demo: demos.Demo, k: int, hi
 
     model, log = heal.heal(model, tok, kept, p, round_idx=k, history=history, progress=progress)
     name = f"r{k}"
-    _write_jsonl(run_dir / f"heal_log_r{k}.jsonl", log["steps"])
+    write_jsonl(run_dir / f"heal_log_r{k}.jsonl", log["steps"])
     heal_line = heal.summary_line(log, p, k)
     append_metrics(run_dir, heal_line)
     heal.save_adapter(model, name, run_dir / "adapters" / name)
@@ -259,7 +226,7 @@ def run_round(model, tok, p: Params, run_dir: Path, demo: demos.Demo, k: int, hi
 
     healed = log_eval(run_dir, evaluate(model, tok, progress=progress, **eval_kwargs(p)), "healed", k)
     lap("eval_healed")
-    _write_jsonl(run_dir / f"demos_r{k}.jsonl", demo_rows(model, tok, p, demo, "healed", k))
+    write_jsonl(run_dir / f"demos_r{k}.jsonl", demo_rows(model, tok, p, demo, "healed", k))
     lap("demos")
     student = round_student_vector(model, tok, contexts, layers, history, history + [name],
                                    p.extract_batch_size, progress)

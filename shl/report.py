@@ -9,8 +9,8 @@ import matplotlib.pyplot as plt
 
 from shl import plots
 from shl.demos import load_demo
-from shl.journal import REPO, md_table, read_metrics, write_entry
-from shl.loop import STAGES, completed_rounds, headline, read_jsonl
+from shl.journal import REPO, completed_rounds, md_cell, md_table, read_jsonl, read_metrics, write_entry
+from shl.loop import STAGES, headline
 from shl.params import load_params
 
 PLOTS = ("trajectory", "pareto", "plane", "filter_rounds")
@@ -29,12 +29,6 @@ def make_plots(run_dir: Path, lines: list[dict], p, demo) -> list[str]:
     return list(figs)
 
 
-def _cell(text: str, n: int = 220) -> str:
-    """One markdown table cell: a single line, pipes escaped, cut at n characters."""
-    text = " ".join(str(text).split()).replace("|", "\\|")
-    return text if len(text) <= n else text[:n] + " …"
-
-
 def dropped_sample(run_dir: Path, k: int, coeff: float) -> dict | None:
     """A raw steered completion of round k that the filter dropped, the first at the dose nearest
     `coeff` (the settled dose the round trained on)."""
@@ -47,15 +41,15 @@ def day_night(run_dir: Path, rounds: list[dict]) -> str:
     first demo prompt (day); the base model's answer first."""
     base = read_jsonl(run_dir / "demos_base.jsonl")
     prompt = base[0]["prompt"] if base else ""
-    rows = [{"round": "base", "dropped steered sample": "", "greedy answer": _cell(base[0]["text"]) if base else ""}]
+    rows = [{"round": "base", "dropped steered sample": "", "greedy answer": md_cell(base[0]["text"], 220) if base else ""}]
     for r in rounds:
         k = r["round"]
         d = dropped_sample(run_dir, k, r["coeff"])
         demo = read_jsonl(run_dir / f"demos_r{k}.jsonl")
         rows.append({"round": str(k),
-                     "dropped steered sample": (f"({', '.join(d['reasons'])}, coeff {d['coeff']:.2f}) {_cell(d['completion'])}"
+                     "dropped steered sample": (f"({', '.join(d['reasons'])}, coeff {d['coeff']:.2f}) {md_cell(d['completion'], 220)}"
                                                 if d else "(none dropped)"),
-                     "greedy answer": _cell(demo[0]["text"]) if demo else ""})
+                     "greedy answer": md_cell(demo[0]["text"], 220) if demo else ""})
     return f"First demo prompt: _{prompt}_\n\n" + md_table(rows, ["round", "dropped steered sample", "greedy answer"])
 
 
@@ -99,7 +93,7 @@ def report(run_dir: Path, error: str = "") -> Path:
     baseline = next((r for r in lines if r["stage"] == "prompt_baseline"), None)
 
     if error:
-        status = (f"**Interrupted** after {len(rounds)} finished round(s): `{_cell(error, 300)}`. Re-run with the "
+        status = (f"**Interrupted** after {len(rounds)} finished round(s): `{md_cell(error, 300)}`. Re-run with the "
                   "same `run_dir` and parameters to resume after the last finished round.")
     elif rounds and rounds[-1]["stopped"]:
         status = f"**Stopped** after round {rounds[-1]['round']}: {rounds[-1]['stop_reason']}."

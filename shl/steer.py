@@ -136,13 +136,15 @@ def extract(model, tok, pos: str, neg: str, contexts: list[str], layers: list[in
 
 
 def student_vector(model, tok, contexts: list[str], layers: list[int], system: str | None = None,
-                   batch_size: int = 16, progress: bool = True) -> Vector:
-    """mean(h_student(x) - h_base(x)) under a neutral prompt, for a peft model: adapters on vs
-    disabled. Its cosine with the teacher vector says whether the trait moved into the weights."""
+                   batch_size: int = 16, progress: bool = True, student=None, reference=None) -> Vector:
+    """mean(h_student(x) - h_reference(x)) under a neutral prompt, for a peft model. `student` and
+    `reference` make the context each side runs in (default: the adapters as they are vs all
+    disabled). Its cosine with the teacher vector says whether the trait moved into the weights."""
     prompts = [chat_prompt(tok, x, system) for x in contexts]
-    h_student = last_token_states(model, tok, prompts, layers, batch_size, progress, "student")
-    with model.disable_adapter():
-        h_base = last_token_states(model, tok, prompts, layers, batch_size, progress, "base")
+    with (student or contextlib.nullcontext)():
+        h_student = last_token_states(model, tok, prompts, layers, batch_size, progress, "student")
+    with (reference or model.disable_adapter)():
+        h_base = last_token_states(model, tok, prompts, layers, batch_size, progress, "reference")
     return Vector({l: (h_student[l] - h_base[l]).mean(0) for l in layers}, {"method": "student"})
 
 
