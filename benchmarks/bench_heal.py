@@ -46,7 +46,7 @@ class PeakRss:
 
 def setup(batch, tokens, **overrides):
     import torch
-    from shl import heal
+    from shl import heal, history
     from shl.demos import load_demo
     from shl.models import chat_prompt, load_model
     from shl.params import load_params
@@ -59,9 +59,9 @@ def setup(batch, tokens, **overrides):
     for i in range(batch):
         ids = torch.randint(200, 20000, (tokens,), generator=g).tolist()
         records.append({"chat_prompt": chat_prompt(tok, demo.prompt_pool[i]), "completion": tok.decode(ids)})
-    model = heal.add_round_adapter(model, p, 0)
+    model = history.add_round_adapter(model, p, 0)
     with torch.no_grad():  # a non-zero adapter, so the student differs from the reference
-        for A, B, _ in heal.lora_pairs(model, "r0"):
+        for A, B, _ in history.lora_pairs(model, "r0"):
             B.normal_(0, 0.02)
     batch_t = heal.collate(heal.encode_records(tok, records), tok.pad_token_id)
     return p, model, batch_t
@@ -70,8 +70,8 @@ def setup(batch, tokens, **overrides):
 def one_step(p, model, batch):
     """What heal() does per micro-batch: the loss terms, a gradient per term (or one of the total
     with heal_grad_norms=False), the summed update."""
-    from shl import heal
-    params = [w for A, B, _ in heal.lora_pairs(model, "r0") for w in (A, B)]
+    from shl import heal, history
+    params = [w for A, B, _ in history.lora_pairs(model, "r0") for w in (A, B)]
     t = heal.heal_loss(model, batch, p, 0, [], "r0")
     if p.heal_grad_norms:
         terms = [t["nll"], t["spectral"]] + ([t["barrier"]] if t["barrier"].item() > 0 else [])
@@ -109,7 +109,7 @@ def work(kind, p, model, b):
     if kind in ("nll", "kl_rev"):
         one_step(p, model, b)
     else:
-        from shl import heal
+        from shl import heal, history
         if kind == "masked":
             logp = heal.completion_logprobs(model, b["input_ids"], b["attention_mask"], b["loss_mask"])
         else:  # the naive way: full [B, L, V] logits and log_softmax, then select

@@ -41,7 +41,7 @@ from pathlib import Path
 import pandas as pd
 
 import shl
-from shl import demos, filter as filt, heal, plots, steer
+from shl import demos, filter as filt, heal, history, plots, steer
 from shl.generate import generate_texts
 
 P, RUN = shl.start_run(globals(), "03_heal")
@@ -95,7 +95,7 @@ with steer.steer(model, vec, COEFF):
 
 # %%
 model, LOG = heal.heal(model, tok, KEPT, P, round_idx=0, history=[])
-heal.save_adapter(model, "r0", RUN / "adapters" / "r0")
+history.save_adapter(model, "r0", RUN / "adapters" / "r0")
 HEAL = heal.summary_line(LOG, P, 0)
 shl.append_metrics(RUN, HEAL)
 shl.journal.write_jsonl(RUN / "heal_log.jsonl", LOG["steps"])

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from shl import heal
+from shl.history import load_adapters
 from shl.journal import PARAMS_FILE, completed_rounds, read_metrics, saved_history
 from shl.models import load_model
 from shl.params import ParamError, load_params
@@ -63,7 +63,7 @@ def export_merged(run_dir, out_dir, rounds: int | None = None) -> Path:
               f"--rounds {len(paths) - 1} exports the rounds before it")
 
     model, tok = load_model(p.model, p.dtype, p.device, p.seed)
-    model = heal.load_adapters(model, paths)
+    model = load_adapters(model, paths)
     merged = model.merge_and_unload(adapter_names=list(paths))
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -1,191 +1,42 @@
 """Heal: train a fresh LoRA per round on kept completions, with a KL barrier toward a reference.
 
-One peft model holds every round's adapter. History (earlier rounds) is active and frozen while
-round k's adapter trains; the barrier's reference pass reuses the same model with the adapters
-switched (`adapters`), so there is never a second copy of the weights.
+History (earlier rounds' adapters, `shl.history`) is active and frozen while round k's adapter
+trains. The barrier's reference is the same model with the adapters switched, never a second
+copy of the weights; it is frozen, so its final hidden states at the completion tokens are
+computed once before training and each step runs only the LM head on them.
 
 Loss per micro-batch = NLL (mean over completion tokens)
                      + lam_eff * relu(D - tau)          (D = kl_agg of the per-position KL)
                      + spectral_lam * sum over LoRA pairs of sigma_max(scaling * B A).
 
-Gradient norms in the log are exact per optimizer step: each micro-batch takes the gradient of
-the NLL term and of the barrier term separately (`torch.autograd.grad`), their sums over the
-step are what the log reports, and the total gradient is their sum (plus the spectral term's).
-That costs one extra backward pass per micro-batch while the barrier fires, none otherwise;
-`heal_grad_norms=False` skips the split (one backward of the total; the norms log as nan).
+Gradient norms in the log are exact on the steps that measure them (every `heal_grad_every`-th
+and the last): each micro-batch takes the gradient of the NLL term and of the barrier term
+separately (`torch.autograd.grad`), their sums over the step are what the log reports, and the
+total gradient is their sum (plus the spectral term's). That costs one extra backward pass per
+micro-batch while the barrier fires; other steps run one backward of the total and log the
+norms as nan (`heal_grad_norms=False`: no step splits).
+
+Forward and backward run under `heal_dtype` autocast (bfloat16 by default: on a CPU with
+avx512_bf16 its matmuls are ~3x float32's); the LoRA weights and AdamW state stay float32.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
-import re
-import shutil
-import tempfile
 import time
 import warnings
-from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-from peft.tuners.lora import LoraLayer
+from peft import PeftModel
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from shl.history import (unwrap, active_adapters, adapters, add_round_adapter, freeze, lora_pairs,
+                         set_active)
 from shl.models import input_device
-from shl.steer import band_layers, decoder_layers, num_layers
 
 AGGREGATES = ("mean", "rmse", "p95", "max")
-
-
-@contextlib.contextmanager
-def _quiet_peft():
-    # peft 0.21 probes transformers' deprecated `is_gradient_checkpointing` on every wrap/load
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        yield
-
-
-def _root(model):
-    return model.get_base_model() if isinstance(model, PeftModel) else model
-
-
-# --- config and adapters ---------------------------------------------------------------------
-
-def lora_config(model, p) -> LoraConfig:
-    """Rank r, alpha 2r, no dropout, on `lora_modules` of the decoder layers in `heal_band` only.
-
-    The target is a regex over full module names anchored at the text decoder's layer list, not
-    `layers_to_transform`: that one matches any `layers.<i>` (a vision tower's too, on gemma-3)."""
-    root = _root(model)
-    layers = decoder_layers(root)
-    prefix = next(name for name, m in root.named_modules() if m is layers)
-    idx = band_layers(num_layers(root), p.heal_band)
-    target = (rf"{re.escape(prefix)}\.({'|'.join(map(str, idx))})\.(?:.+\.)?"
-              rf"({'|'.join(map(re.escape, p.lora_modules))})")
-    return LoraConfig(r=p.lora_r, lora_alpha=2 * p.lora_r, lora_dropout=0.0, target_modules=target,
-                      bias="none", task_type="CAUSAL_LM")
-
-
-def _grad_flags(model) -> dict:
-    return {q: q.requires_grad for q in model.parameters()}
-
-
-def _restore_grad_flags(model, flags: dict):
-    for q in model.parameters():
-        if q in flags:
-            q.requires_grad_(flags[q])
-
-
-def active_adapters(model) -> list[str]:
-    return list(model.active_adapters) if isinstance(model, PeftModel) else []
-
-
-def set_active(model, names: list[str]):
-    """Activate exactly `names` together (the baked history stack); [] = base model.
-
-    Which parameters are trainable does not change: peft's set_adapter turns requires_grad on
-    for every adapter it activates, so the flags are put back afterwards."""
-    names = list(names)
-    if not isinstance(model, PeftModel):
-        if names:
-            raise ValueError(f"cannot activate adapters {names}: the model has no peft adapters yet")
-        return
-    unknown = [n for n in names if n not in model.peft_config]
-    if unknown:
-        raise ValueError(f"unknown adapters {unknown}; the model has {list(model.peft_config)}")
-    flags = _grad_flags(model)
-    model.base_model.set_adapter(names)  # LoraModel takes a list; PeftModel.set_adapter only one name
-    _restore_grad_flags(model, flags)
-    if names:
-        # PeftModel keeps one name of its own for config look-ups (disable_adapter, forward)
-        model.active_adapter = names[-1]
-
-
-@contextlib.contextmanager
-def adapters(model, names: list[str]):
-    """Temporarily activate `names` ([] = adapters disabled: the base model); restores the
-    previous active list and requires_grad flags on exit, exception or not."""
-    names = list(names)
-    if not isinstance(model, PeftModel):
-        set_active(model, names)  # raises unless names == []
-        yield model
-        return
-    prev, flags = active_adapters(model), _grad_flags(model)
-    try:
-        if names:
-            set_active(model, names)
-            yield model
-        else:
-            with model.disable_adapter():
-                yield model
-    finally:
-        # leaving disable_adapter re-enables the layers through set_adapter, which sets
-        # requires_grad on every active adapter: history would silently become trainable
-        set_active(model, prev)
-        _restore_grad_flags(model, flags)
-
-
-def freeze(model, names: list[str]):
-    if names:
-        model.set_requires_grad(list(names), requires_grad=False)
-
-
-def add_round_adapter(model, p, round_idx: int) -> PeftModel:
-    """Add adapter `r{round_idx}` (fresh LoRA, B = 0) and make it the only trainable one.
-
-    It becomes active on top of whatever was active (the history). A plain model is wrapped in
-    place: its projections are replaced by LoRA layers, so keep a copy if the plain one is needed."""
-    name = f"r{round_idx}"
-    cfg = lora_config(model, p)
-    if isinstance(model, PeftModel):
-        if name in model.peft_config:
-            raise ValueError(f"adapter '{name}' already exists: round {round_idx} was healed already")
-        prev = active_adapters(model)
-        with _quiet_peft():
-            model.add_adapter(name, cfg)
-    else:
-        prev = []
-        with _quiet_peft():
-            model = get_peft_model(model, cfg, adapter_name=name)
-    freeze(model, [n for n in model.peft_config if n != name])
-    model.set_requires_grad(name, requires_grad=True)
-    set_active(model, prev + [name])
-    return model
-
-
-def save_adapter(model, name: str, path) -> Path:
-    """Write adapter `name` as a standard peft folder at `path` (PeftModel.from_pretrained loads it)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # peft saves a non-"default" adapter into <dir>/<name>/: save into a temp dir, then move that
-    # subfolder into place, so an interrupted save never leaves a half-written adapter at `path`
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
-    try:
-        model.save_pretrained(str(tmp), selected_adapters=[name])
-        src = tmp / name if name != "default" else tmp
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(src, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
-
-
-def load_adapters(model, paths_by_name: dict) -> PeftModel:
-    """Load saved adapters as frozen history, active together on top of any already active."""
-    names = list(paths_by_name)
-    prev = active_adapters(model)
-    with _quiet_peft():
-        for name, path in paths_by_name.items():
-            if isinstance(model, PeftModel):
-                model.load_adapter(str(path), adapter_name=name, is_trainable=False)
-            else:
-                model = PeftModel.from_pretrained(model, str(path), adapter_name=name, is_trainable=False)
-    set_active(model, prev + names)
-    freeze(model, names)
-    return model
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -267,7 +118,7 @@ def completion_logprobs(model, input_ids, attention_mask, loss_mask) -> torch.Te
     logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep,
                    use_cache=False).logits
     if logits.dim() != 2 or logits.shape[0] != int(keep.sum()):
-        raise RuntimeError(f"{type(_root(model)).__name__} ignored a boolean logits_to_keep "
+        raise RuntimeError(f"{type(unwrap(model)).__name__} ignored a boolean logits_to_keep "
                            f"(logits {tuple(logits.shape)}); it needs transformers' slice_logits_to_keep")
     return logits.float().log_softmax(-1)
 
@@ -329,13 +180,6 @@ def sigma_max(A, B, iters: int = 3) -> torch.Tensor:
     return torch.linalg.vector_norm(B32 @ (A32 @ v))
 
 
-def lora_pairs(model, adapter: str):
-    """(A [r, in], B [out, r], scaling) for every LoRA layer of `adapter`."""
-    for m in model.modules():
-        if isinstance(m, LoraLayer) and adapter in m.lora_A:
-            yield m.lora_A[adapter].weight, m.lora_B[adapter].weight, m.scaling[adapter]
-
-
 def spectral_term(model, adapter: str, iters: int) -> torch.Tensor:
     """SUM over the adapter's LoRA pairs of sigma_max(scaling * B A), the weight update each
     layer actually receives (so it grows with the number of adapted matrices, like weight decay)."""
@@ -351,12 +195,68 @@ def reference_names(p, history: list[str]) -> list[str]:
     return list(history) if p.barrier_ref == "prev" else []
 
 
-def heal_loss(model, batch: dict, p, round_idx: int, ref_names: list[str], adapter: str) -> dict:
+def compute_dtype(p):
+    """The autocast context of the heal's forward and backward passes (`heal_dtype`): bfloat16
+    matmuls on a float32 model, the LoRA weights and AdamW state stay float32."""
+    dev = "cuda" if torch.cuda.is_available() and p.device != "cpu" else "cpu"
+    return torch.autocast(dev, dtype=torch.bfloat16, enabled=p.heal_dtype == "bfloat16")
+
+
+def head_logprobs(model, states: torch.Tensor) -> torch.Tensor:
+    """Log-probs [N, V] (float32) from final hidden states [N, H]: the LM head (and the logit
+    soft-cap of models that have one), as the model's own forward applies them."""
+    logits = unwrap(model).get_output_embeddings()(states).float()
+    cap = getattr(unwrap(model).config.get_text_config(), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits.log_softmax(-1)
+
+
+@torch.no_grad()
+def batch_reference_states(model, batch: dict, ref_names: list[str], p, check: bool = False) -> torch.Tensor:
+    """The reference model's final hidden states [N, H] at the batch's completion positions, in the
+    row order of `completion_logprobs`. `check`: verify that the LM head on them gives the model's
+    own log-probs (a model that post-processes its logits some other way would fail here)."""
+    seen = {}
+    head = unwrap(model).get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda m, args: seen.__setitem__("h", args[0].detach()))
+    try:
+        with adapters(model, ref_names), compute_dtype(p):
+            logp = completion_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+            h = seen["h"].reshape(-1, seen["h"].shape[-1])  # [N, H]
+            if check:
+                err = (head_logprobs(model, h) - logp).abs().max().item()
+                if err > 1e-3:
+                    raise RuntimeError(f"{type(unwrap(model)).__name__}: the LM head on the final hidden states gives "
+                                       f"log-probs {err:.3g} away from the model's own; the barrier's reference "
+                                       "states cannot stand in for its reference pass")
+    finally:
+        handle.remove()
+    return h
+
+
+def reference_states(model, examples, ref_names: list[str], pad_id: int, batch_size: int, p) -> list[torch.Tensor]:
+    """Per training example, the reference's final hidden states at its completion positions
+    [n_i, H], computed once before training.
+
+    The reference is frozen and the data fixed, so every epoch's barrier would recompute the same
+    thing: kept here, each step only runs the LM head on them (`head_logprobs`) instead of a whole
+    reference forward pass (~40% of a kl_rev step)."""
+    out = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        h = batch_reference_states(model, collate(chunk, pad_id, input_device(model)), ref_names, p, check=start == 0)
+        out += list(h.split([len(c) for _, c in chunk]))
+    return out
+
+
+def heal_loss(model, batch: dict, p, round_idx: int, adapter: str, ref_states: torch.Tensor | None = None) -> dict:
     """The loss terms on one batch, with the student's adapters as currently active.
 
     Returns total, nll, barrier (lam_eff * relu(D - tau)), spectral (spectral_lam * sigma sum),
-    D (aggregated KL; 0 for reg == nll) and kl (per position, detached). The reference is the
-    same model under `adapters(model, ref_names)`, without grad; reg == nll skips that pass."""
+    D (aggregated KL; 0 for reg == nll) and kl (per position, detached). `ref_states` are the
+    reference's final hidden states at the batch's completion positions [N, H]
+    (`reference_states`); reg == nll needs none."""
     ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
     logp = completion_logprobs(model, ids, attn, mask)
     nll = completion_nll(logp, ids, mask)
@@ -364,8 +264,10 @@ def heal_loss(model, batch: dict, p, round_idx: int, ref_names: list[str], adapt
     if p.reg == "nll":
         D, barrier, kl = zero, zero, logp.new_zeros(logp.shape[0])
     else:
-        with torch.no_grad(), adapters(model, ref_names):
-            logp_ref = completion_logprobs(model, ids, attn, mask)
+        if ref_states is None:
+            raise ValueError(f"reg={p.reg} needs the reference states of the batch")
+        with torch.no_grad():
+            logp_ref = head_logprobs(model, ref_states)
         kl = per_position_kl(logp, logp_ref, p.reg)
         D = aggregate_kl(kl, p.kl_agg)
         barrier = lam_eff(p, round_idx) * torch.relu(D - p.tau)
@@ -387,16 +289,24 @@ def _norm(grads) -> float:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).item()
 
 
+def measures_grads(p, step: int, total_steps: int) -> bool:
+    """Whether optimizer step `step` splits the gradient into its terms (an extra backward pass
+    while the barrier fires): every `heal_grad_every`-th step and the last one."""
+    return p.heal_grad_norms and (step % p.heal_grad_every == 0 or step == total_steps - 1)
+
+
 @torch.no_grad()
-def heldout_nll(model, examples, pad_id: int, batch_size: int) -> float:
-    """Token-weighted mean NLL over completion tokens (nan when there is nothing held out)."""
+def heldout_nll(model, examples, pad_id: int, batch_size: int, p=None) -> float:
+    """Token-weighted mean NLL over completion tokens (nan when there is nothing held out), under
+    the heal's compute dtype when `p` is given."""
     total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start:start + batch_size], pad_id, input_device(model))
-        logp = completion_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
-        targets = completion_targets(batch["input_ids"], batch["loss_mask"])
-        total -= logp.gather(-1, targets[:, None]).sum().item()
-        count += targets.numel()
+    with compute_dtype(p) if p is not None else contextlib.nullcontext():
+        for start in range(0, len(examples), batch_size):
+            batch = collate(examples[start:start + batch_size], pad_id, input_device(model))
+            logp = completion_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+            targets = completion_targets(batch["input_ids"], batch["loss_mask"])
+            total -= logp.gather(-1, targets[:, None]).sum().item()
+            count += targets.numel()
     return total / count if count else math.nan
 
 
@@ -415,8 +325,9 @@ def heal(model, tok, records: list[dict], p, round_idx: int, history: list[str],
 
     log: steps (one dict per optimizer step; D and nll are means over its micro-batches,
     barrier_fired = some micro-batch had D > tau, grad_* are the norms of the step's summed
-    gradients of each term before clipping), epochs (train and held-out NLL), final_D (mean D
-    over the last epoch's steps), seconds, barrier_fired_any."""
+    gradients of each term before clipping, nan on steps that do not split the gradient),
+    epochs (train and held-out NLL), final_D (mean D over the last epoch's steps), seconds,
+    barrier_fired_any."""
     t0 = time.time()
     if not records:
         raise ValueError("heal needs at least one record")
@@ -431,7 +342,6 @@ def heal(model, tok, records: list[dict], p, round_idx: int, history: list[str],
     prev_active = active_adapters(model)
     model = add_round_adapter(model, p, round_idx)
     set_active(model, history + [name])
-    ref_names = reference_names(p, history)
     # the new adapter's weights only: any other parameter a caller left trainable stays out
     params = [w for A, B, _ in lora_pairs(model, name) for w in (A, B)]
 
@@ -447,9 +357,11 @@ def heal(model, tok, records: list[dict], p, round_idx: int, history: list[str],
     order_gen = torch.Generator().manual_seed(seed)
 
     steps, epochs = [], []
-    model.train()
     bar = tqdm(total=total_steps, desc=f"heal {name}", disable=not progress, leave=False)
     try:
+        ref = (reference_states(model, train_ex, reference_names(p, history), pad_id, p.train_batch_size, p)
+               if p.reg != "nll" else None)
+        model.train()
         step = 0
         for epoch in range(p.epochs):
             order = torch.randperm(len(train_ex), generator=order_gen).tolist()
@@ -457,15 +369,18 @@ def heal(model, tok, records: list[dict], p, round_idx: int, history: list[str],
             for s in range(steps_per_epoch):
                 group = micro[s * p.grad_accum:(s + 1) * p.grad_accum]
                 k = len(group)
+                split = measures_grads(p, step, total_steps)
                 g_nll, g_bar, g_spec = ([torch.zeros_like(q) for q in params] for _ in range(3))
                 nlls, Ds, spec, fired = [], [], 0.0, False
                 for idx in group:
                     batch = collate([train_ex[i] for i in idx], pad_id, dev)
-                    t = heal_loss(model, batch, p, round_idx, ref_names, name)
+                    with compute_dtype(p):
+                        t = heal_loss(model, batch, p, round_idx, name,
+                                      torch.cat([ref[i] for i in idx]) if ref is not None else None)
                     nll, D = t["nll"].item(), t["D"].item()
                     if not (math.isfinite(nll) and math.isfinite(D) and torch.isfinite(t["total"])):
                         raise _non_finite(step, nll, D)
-                    if p.heal_grad_norms:
+                    if split:
                         # relu(D - tau) == 0 has exactly zero gradient: skip that backward pass
                         terms = [(g_nll, t["nll"]), (g_spec, t["spectral"])]
                         if t["barrier"].item() > 0:
@@ -482,7 +397,7 @@ def heal(model, tok, records: list[dict], p, round_idx: int, history: list[str],
                 # the total gradient is the sum of the separately measured terms (linearity)
                 for q, a, b, c in zip(params, g_nll, g_bar, g_spec):
                     q.grad = a + b + c
-                grad_nll, grad_bar = (_norm(g_nll), _norm(g_bar)) if p.heal_grad_norms else (math.nan, math.nan)
+                grad_nll, grad_bar = (_norm(g_nll), _norm(g_bar)) if split else (math.nan, math.nan)
                 lr = opt.param_groups[0]["lr"]
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, p.max_grad_norm).item()
                 if not math.isfinite(grad_norm):
@@ -495,13 +410,13 @@ def heal(model, tok, records: list[dict], p, round_idx: int, history: list[str],
                 steps.append({
                     "step": step, "epoch": epoch, "nll": sum(nlls) / k, "D": sum(Ds) / k,
                     "barrier_fired": bool(fired), "grad_nll": grad_nll, "grad_barrier": grad_bar,
-                    "pressure": grad_bar / grad_nll if grad_nll > 0 else 0.0, "lr": lr,
+                    "pressure": grad_bar / grad_nll if grad_nll > 0 else (0.0 if split else math.nan), "lr": lr,
                     "grad_norm": grad_norm, "spectral": spec,
                 })
                 bar.update(1)
                 bar.set_postfix(nll=f"{steps[-1]['nll']:.3f}", D=f"{steps[-1]['D']:.3f}")
                 step += 1
-            held = heldout_nll(model, held_ex, pad_id, p.train_batch_size)
+            held = heldout_nll(model, held_ex, pad_id, p.train_batch_size, p)
             if held_ex and not math.isfinite(held):
                 raise RuntimeError(f"non-finite held-out NLL after epoch {epoch}: {held}; lower lr or check the data")
             ep_steps = [x for x in steps if x["epoch"] == epoch]

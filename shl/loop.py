@@ -25,6 +25,7 @@ from peft.tuners.lora import LoraLayer
 
 from shl import demos, filter as filt, heal, plots, steer
 from shl.generate import generate_texts
+from shl.history import adapters, load_adapters, save_adapter, set_active
 from shl.journal import (append_metrics, completed_rounds, log_eval, read_jsonl, read_metrics, saved_history,
                          write_jsonl)
 from shl.mfv import eval_kwargs, evaluate
@@ -136,7 +137,7 @@ def resume(model, p: Params, run_dir: Path) -> tuple[object, list[str], int, boo
     if gone:
         print(f"discarded a half-written round {len(done)}: {', '.join(gone)}")
     if history:
-        model = heal.load_adapters(model, paths)
+        model = load_adapters(model, paths)
         print(f"resuming {run_dir.name} after round {len(done) - 1}: adapters {history} loaded")
     stopped = bool(done and done[-1].get("stopped"))
     return model, history, len(done), stopped
@@ -149,7 +150,7 @@ def once_per_run(model, tok, p: Params, run_dir: Path, demo: demos.Demo, progres
     generations, each done only if the folder lacks it. Returns (base line, baseline line)."""
     run_dir = Path(run_dir)
     lines = {r["stage"]: r for r in read_metrics(run_dir) if r.get("stage") in ONCE}
-    with heal.adapters(model, []):  # the base model, whatever history is loaded
+    with adapters(model, []):  # the base model, whatever history is loaded
         for stage, system in (("base", None), ("prompt_baseline", demo.pos)):
             if stage not in lines:
                 res = evaluate(model, tok, system=system, progress=progress, **eval_kwargs(p))
@@ -169,16 +170,24 @@ def demo_rows(model, tok, p: Params, demo: demos.Demo, stage: str, k: int) -> li
 # --- the round --------------------------------------------------------------------------------
 
 def round_student_vector(model, tok, contexts: list[str], layers: list[int], before: list[str], after: list[str],
-                         batch_size: int, progress: bool) -> steer.Vector:
-    """What this round's adapter moved: the history + r{k} (after) vs the history (before)."""
-    return steer.student_vector(model, tok, contexts, layers, batch_size=batch_size, progress=progress,
-                                student=lambda: heal.adapters(model, after),
-                                reference=lambda: heal.adapters(model, before))
+                         batch_size: int, progress: bool, states: dict | None = None) -> steer.Vector:
+    """What this round's adapter moved: the history + r{k} (after) vs the history (before), under a
+    neutral prompt. `states` keeps each adapter stack's hidden states across rounds: round k's
+    `after` is round k+1's `before` (the same model, the same prompts), so it is read once."""
+    states = {} if states is None else states
+    prompts = [chat_prompt(tok, x) for x in contexts]
+    for names in (before, after):
+        if tuple(names) not in states:
+            with adapters(model, names):
+                states[tuple(names)] = steer.last_token_states(model, tok, prompts, layers, batch_size, progress,
+                                                               f"student {'+'.join(names) or 'base'}")
+    return steer.student_vector(states[tuple(after)], states[tuple(before)])
 
 
 def run_round(model, tok, p: Params, run_dir: Path, demo: demos.Demo, k: int, history: list[str], base: dict,
-              progress: bool = True) -> tuple[object, dict]:
-    """Round k on top of `history` (active). Returns (model with r{k} added, the `round` line)."""
+              progress: bool = True, states: dict | None = None) -> tuple[object, dict]:
+    """Round k on top of `history` (active). Returns (model with r{k} added, the `round` line).
+    `states`: the student vector's hidden states by adapter stack, carried from round to round."""
     run_dir = Path(run_dir)
     trait = f"{demo.trait_foundation}_nats"
     seconds, t = {}, time.time()
@@ -188,7 +197,7 @@ def run_round(model, tok, p: Params, run_dir: Path, demo: demos.Demo, k: int, hi
         seconds[f"seconds_{stage}"] = time.time() - t
         t = time.time()
 
-    heal.set_active(model, history)
+    set_active(model, history)
     contexts = demos.load_contexts(p)
     layers = steer.band_layers(steer.num_layers(model), p.steer_band)
     vec = steer.extract(model, tok, demo.pos, demo.neg, contexts, layers, p.extract_batch_size, progress)
@@ -218,7 +227,7 @@ def run_round(model, tok, p: Params, run_dir: Path, demo: demos.Demo, k: int, hi
     write_jsonl(run_dir / f"heal_log_r{k}.jsonl", log["steps"])
     heal_line = heal.summary_line(log, p, k)
     append_metrics(run_dir, heal_line)
-    heal.save_adapter(model, name, run_dir / "adapters" / name)
+    save_adapter(model, name, run_dir / "adapters" / name)
     fig = plots.plot_heal(log["steps"], p.tau, f"heal r{k} ({p.reg}, {p.kl_agg}, lam_eff {heal.lam_eff(p, k):.3g}, tau {p.tau})")
     plots.save(fig, run_dir, f"heal_r{k}")
     plt.close(fig)
@@ -229,7 +238,7 @@ def run_round(model, tok, p: Params, run_dir: Path, demo: demos.Demo, k: int, hi
     write_jsonl(run_dir / f"demos_r{k}.jsonl", demo_rows(model, tok, p, demo, "healed", k))
     lap("demos")
     student = round_student_vector(model, tok, contexts, layers, history, history + [name],
-                                   p.extract_batch_size, progress)
+                                   p.extract_batch_size, progress, states)
     lap("student")
 
     stop = below_floor(healed["coherence"], base["coherence"], p.coh_floor)
@@ -299,9 +308,10 @@ def _run_loop(model, tok, p: Params, run_dir: Path, progress: bool, report):
         report(run_dir)
         if stopped:
             print(f"the loop stopped at round {start - 1} (coherence floor); nothing to run")
+        states = {}  # the student vector's hidden states by adapter stack (round k's after = k+1's before)
         for k in range(start, p.rounds if not stopped else start):
             t0 = time.time()
-            model, line = run_round(model, tok, p, run_dir, demo, k, history, base, progress)
+            model, line = run_round(model, tok, p, run_dir, demo, k, history, base, progress, states)
             history.append(f"r{k}")
             print(f"round {k}: kappa {line['kappa']:.3f}, kept {line['kept']}/{line['generated']}, "
                   f"trait {line['steered_d_trait']:+.3f} steered -> {line['healed_d_trait']:+.3f} healed nats, "

@@ -158,6 +158,17 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
+def shared_prefix_len(ids: list[list[int]], cap: int) -> int:
+    """Length of the token prefix every sequence shares, at most `cap`."""
+    n = max(0, min(cap, *(len(x) for x in ids)))
+    for x in ids[1:]:
+        i = 0
+        while i < n and x[i] == ids[0][i]:
+            i += 1
+        n = i
+    return n
+
+
 # --- chat prompts --------------------------------------------------------------------------
 
 def _supports_system(tok) -> bool:

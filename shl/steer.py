@@ -8,6 +8,7 @@ generated, and the hooks are gone when the context exits, exception or not.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +16,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from transformers import DynamicCache
+
 from shl.generate import batches
-from shl.models import chat_prompt, input_device, positions
+from shl.models import chat_prompt, input_device, left_pad, positions, shared_prefix_len
 
 
 @dataclass
@@ -102,25 +105,69 @@ def steer(model, vector: Vector | None, coeff: float = 1.0):
             h.remove()
 
 
+class _Done(Exception):
+    """Raised by a hook after the deepest layer a read needs: the rest of the forward is waste."""
+
+
 @torch.no_grad()
 def last_token_states(model, tok, prompts: list[str], layers: list[int], batch_size: int = 16,
                       progress: bool = True, desc: str = "hidden states") -> dict[int, torch.Tensor]:
     """Each layer's output at the last prompt token: {layer: [N, hidden]} float32 on CPU.
 
-    Left padding puts every prompt's last token in the last column; position ids are counted
-    from each prompt's first real token, so a padded row matches its unpadded run."""
+    Two savings that leave the numbers as a plain forward pass gives them (within float rounding):
+    - the token prefix all prompts share (the chat template and system prompt: the persona or the
+      default system text, about half of each prompt) runs once, and every batch continues from
+      a copy of its KV cache with only its own suffix (left-padded after the prefix, the padding
+      masked, positions counted as if unpadded);
+    - the forward pass stops after the deepest layer in `layers`."""
     dev = input_device(model)
-    old_side, tok.padding_side = tok.padding_side, "left"
+    mods = decoder_layers(model)
+    deepest = max(layers)
+    ids = [tok(p, add_special_tokens=False).input_ids for p in prompts]
+    P = shared_prefix_len(ids, cap=min(map(len, ids)) - 1)  # every row keeps its last token in the suffix
+    seen: dict[int, torch.Tensor] = {}
+
+    def stop(module, args, output):
+        raise _Done
+
+    def hook(module, args, output, l):
+        seen[l] = _hidden(output)[:, -1].float().cpu()
+        if l == deepest:
+            raise _Done
+
+    def run(**inputs):
+        try:
+            model(**inputs)
+        except _Done:
+            pass
+
+    handles = []
     out = {l: [] for l in layers}
     try:
-        for chunk in tqdm(list(batches(prompts, batch_size)), desc=desc, disable=not progress, leave=False):
-            enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
-            with capture(model, layers) as seen:
-                model(**enc, position_ids=positions(enc.attention_mask), logits_to_keep=1)
+        prefix_cache = None
+        if P:
+            prefix_cache = DynamicCache(config=model.config)
+            handles = [mods[deepest].register_forward_hook(stop)]
+            run(input_ids=torch.tensor([ids[0][:P]], device=dev), past_key_values=prefix_cache, use_cache=True)
+            handles.pop().remove()
+        handles = [mods[l].register_forward_hook(lambda m, a, o, l=l: hook(m, a, o, l)) for l in layers]
+        for start in tqdm(range(0, len(ids), batch_size), desc=desc, disable=not progress, leave=False):
+            suf = [x[P:] for x in ids[start:start + batch_size]]
+            B = len(suf)
+            inp, smask = left_pad(suf, tok.pad_token_id)  # [B, S]
+            attn = torch.cat([torch.ones((B, P), dtype=torch.long), smask], dim=1)  # [B, P + S]
+            cache = None
+            if P:
+                cache = copy.deepcopy(prefix_cache)
+                cache.batch_repeat_interleave(B)
+            seen.clear()
+            run(input_ids=inp.to(dev), attention_mask=attn.to(dev), position_ids=(P + positions(smask)).to(dev),
+                past_key_values=cache, use_cache=bool(P), logits_to_keep=1)
             for l in layers:
-                out[l].append(seen[l][:, -1].float().cpu())
+                out[l].append(seen[l])
     finally:
-        tok.padding_side = old_side
+        for h in handles:
+            h.remove()
     return {l: torch.cat(v) for l, v in out.items()}
 
 
@@ -135,17 +182,11 @@ def extract(model, tok, pos: str, neg: str, contexts: list[str], layers: list[in
                   {"method": "mean_diff", "pos": pos, "neg": neg, "n_contexts": len(contexts), "layers": layers})
 
 
-def student_vector(model, tok, contexts: list[str], layers: list[int], system: str | None = None,
-                   batch_size: int = 16, progress: bool = True, student=None, reference=None) -> Vector:
-    """mean(h_student(x) - h_reference(x)) under a neutral prompt, for a peft model. `student` and
-    `reference` make the context each side runs in (default: the adapters as they are vs all
-    disabled). Its cosine with the teacher vector says whether the trait moved into the weights."""
-    prompts = [chat_prompt(tok, x, system) for x in contexts]
-    with (student or contextlib.nullcontext)():
-        h_student = last_token_states(model, tok, prompts, layers, batch_size, progress, "student")
-    with (reference or model.disable_adapter)():
-        h_base = last_token_states(model, tok, prompts, layers, batch_size, progress, "reference")
-    return Vector({l: (h_student[l] - h_base[l]).mean(0) for l in layers}, {"method": "student"})
+def student_vector(h_student: dict[int, torch.Tensor], h_reference: dict[int, torch.Tensor]) -> Vector:
+    """mean(h_student(x) - h_reference(x)): the hidden states of the same neutral prompts
+    (`last_token_states`) read with the student's adapters and with the reference's. Its cosine
+    with the teacher vector says whether the trait moved into the weights."""
+    return Vector({l: (h_student[l] - h_reference[l]).mean(0) for l in h_student}, {"method": "student"})
 
 
 def cosine(a: Vector, b: Vector) -> tuple[dict[int, float], float]:

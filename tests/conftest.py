@@ -6,7 +6,7 @@ from shl.models import load_model
 
 def randomize_lora(model, name, seed, scale=0.3):
     """Give adapter `name` non-zero random A and B (a fresh LoRA has B = 0: it changes nothing)."""
-    from shl.heal import lora_pairs
+    from shl.history import lora_pairs
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for A, B, _ in lora_pairs(model, name):

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import randomize_lora
 from shl import heal as H
+from shl import history as HI
 from shl.export import MANIFEST, export_merged, main
 from shl.journal import append_metrics
 from shl.params import load_params
@@ -29,17 +30,17 @@ def run(tiny, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     p = load_params("tiny")
     (run_dir / "params.yaml").write_text(yaml.safe_dump(p.to_dict()))
-    model = H.add_round_adapter(copy.deepcopy(tiny[0]), p, 0)
+    model = HI.add_round_adapter(copy.deepcopy(tiny[0]), p, 0)
     randomize_lora(model, "r0", 1)
-    model = H.add_round_adapter(model, p, 1)  # r0 frozen, both active
+    model = HI.add_round_adapter(model, p, 1)  # r0 frozen, both active
     randomize_lora(model, "r1", 2)
     for k in (0, 1):
-        H.save_adapter(model, f"r{k}", run_dir / "adapters" / f"r{k}")
+        HI.save_adapter(model, f"r{k}", run_dir / "adapters" / f"r{k}")
         append_metrics(run_dir, {"stage": "round", "round": k})
     model.eval()
     stack = {}
     for key, names in (("base", []), ("r0", ["r0"]), ("r0+r1", ["r0", "r1"])):
-        with H.adapters(model, names):
+        with HI.adapters(model, names):
             stack[key] = _logits(model)
     return run_dir, stack
 
@@ -117,9 +118,9 @@ def test_the_embedded_model_exports_too(embedded, tmp_path):
     run_dir.mkdir()
     p = load_params("default")
     (run_dir / "params.yaml").write_text(yaml.safe_dump(p.to_dict()))
-    model = H.add_round_adapter(copy.deepcopy(embedded[0]), p, 0)
+    model = HI.add_round_adapter(copy.deepcopy(embedded[0]), p, 0)
     randomize_lora(model, "r0", 1, scale=0.05)
-    H.save_adapter(model, "r0", run_dir / "adapters" / "r0")
+    HI.save_adapter(model, "r0", run_dir / "adapters" / "r0")
     append_metrics(run_dir, {"stage": "round", "round": 0})
     out = export_merged(run_dir, tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()

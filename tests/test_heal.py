@@ -8,6 +8,7 @@ from peft import PeftModel
 
 from conftest import randomize_lora
 from shl import heal as H
+from shl import history as HI
 from shl.models import chat_prompt
 from shl.params import load_params
 
@@ -23,9 +24,16 @@ def _batch(tok, n=2):
 
 
 
+def _loss(model, batch, p, round_idx, ref_names, adapter):
+    """heal_loss with the batch's reference states computed as heal computes them."""
+    ref = None if p.reg == "nll" else H.batch_reference_states(model, batch, ref_names, p, check=True)
+    with H.compute_dtype(p):
+        return H.heal_loss(model, batch, p, round_idx, adapter, ref)
+
+
 def _student(tiny, p, seed=1):
     """A deep copy of tiny with adapter r0 non-zero and trainable (the session fixture stays untouched)."""
-    model = H.add_round_adapter(copy.deepcopy(tiny[0]), p, 0)
+    model = HI.add_round_adapter(copy.deepcopy(tiny[0]), p, 0)
     randomize_lora(model, "r0", seed)
     return model
 
@@ -41,17 +49,17 @@ def _grads(term, model):
 
 
 def _lora_weights(model, name):
-    return [w.detach().clone() for A, B, _ in H.lora_pairs(model, name) for w in (A, B)]
+    return [w.detach().clone() for A, B, _ in HI.lora_pairs(model, name) for w in (A, B)]
 
 
 # --- config ----------------------------------------------------------------------------------
 
 def test_lora_config_targets_only_the_band_layers(tiny):
     p = load_params("tiny", heal_band=[0.5, 1.0], lora_modules=["q_proj", "down_proj"])
-    cfg = H.lora_config(tiny[0], p)
+    cfg = HI.lora_config(tiny[0], p)
     assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout) == (4, 8, 0.0)
-    model = H.add_round_adapter(copy.deepcopy(tiny[0]), p, 0)
-    adapted = sorted(n for n, m in model.named_modules() if isinstance(m, H.LoraLayer))
+    model = HI.add_round_adapter(copy.deepcopy(tiny[0]), p, 0)
+    adapted = sorted(n for n, m in model.named_modules() if isinstance(m, HI.LoraLayer))
     assert adapted == ["base_model.model.model.layers.1.mlp.down_proj", "base_model.model.model.layers.1.self_attn.q_proj"]
 
 
@@ -61,13 +69,13 @@ def test_lora_config_targets_only_the_band_layers(tiny):
 def test_inactive_barrier_adds_exactly_no_gradient(tiny, overrides):
     p = load_params("tiny", reg="kl_rev", kl_agg="rmse", spectral_lam=0.0, **overrides)
     model = _student(tiny, p)
-    t = H.heal_loss(model, _batch(tiny[1]), p, 0, [], "r0")
+    t = _loss(model, _batch(tiny[1]), p, 0, [], "r0")
     assert t["D"].item() > 0.01  # the student really differs from the reference
     for g_total, g_nll in zip(_grads(t["total"], model), _grads(t["nll"], model)):
         assert torch.equal(g_total, g_nll)
     # the same batch with a live barrier does change the gradient: the comparison above can fail
     live = load_params("tiny", reg="kl_rev", kl_agg="rmse", spectral_lam=0.0, lam=1.0, tau=0.0)
-    t = H.heal_loss(model, _batch(tiny[1]), live, 0, [], "r0")
+    t = _loss(model, _batch(tiny[1]), live, 0, [], "r0")
     assert any(not torch.equal(a, b) for a, b in zip(_grads(t["total"], model), _grads(t["nll"], model)))
 
 
@@ -77,7 +85,7 @@ def test_kl_matches_torch_distributions(tiny):
     b = _batch(tiny[1])
     with torch.no_grad():
         logp_s = H.completion_logprobs(model, b["input_ids"], b["attention_mask"], b["loss_mask"])
-        with H.adapters(model, []):
+        with HI.adapters(model, []):
             logp_r = H.completion_logprobs(model, b["input_ids"], b["attention_mask"], b["loss_mask"])
     student, ref = torch.distributions.Categorical(logits=logp_s), torch.distributions.Categorical(logits=logp_r)
     rev, fwd = H.per_position_kl(logp_s, logp_r, "kl_rev"), H.per_position_kl(logp_s, logp_r, "kl_fwd")
@@ -170,17 +178,17 @@ def test_disabled_adapters_give_the_base_logits_bit_for_bit(tiny):
     b = _batch(tiny[1])
     base = _logits(tiny[0], b)
     assert not torch.equal(_logits(model, b), base)
-    with H.adapters(model, []):
+    with HI.adapters(model, []):
         assert torch.equal(_logits(model, b), base)
-    H.set_active(model, [])
+    HI.set_active(model, [])
     assert torch.equal(_logits(model, b), base)
 
 
 def test_adapters_context_restores_active_list_and_frozen_history(tiny):
     p = load_params("tiny")
     model = _student(tiny, p)
-    H.freeze(model, ["r0"])
-    model = H.add_round_adapter(model, p, 1)
+    HI.freeze(model, ["r0"])
+    model = HI.add_round_adapter(model, p, 1)
     assert model.active_adapters == ["r0", "r1"]
 
     def trainable():
@@ -189,7 +197,7 @@ def test_adapters_context_restores_active_list_and_frozen_history(tiny):
     assert trainable() == {"r1"}
     for names in ([], ["r0"], ["r1"]):
         with pytest.raises(KeyError):
-            with H.adapters(model, names):
+            with HI.adapters(model, names):
                 raise KeyError("boom")
         assert model.active_adapters == ["r0", "r1"]
         assert trainable() == {"r1"}  # peft's re-enable would have made r0 trainable again
@@ -199,20 +207,20 @@ def test_reference_prev_differs_from_base_once_history_exists(tiny):
     b = _batch(tiny[1])
     for ref in ("prev", "base"):
         p = load_params("tiny", reg="kl_rev", kl_agg="mean", barrier_ref=ref, spectral_lam=0.0)
-        model = H.add_round_adapter(copy.deepcopy(tiny[0]), p, 0)
+        model = HI.add_round_adapter(copy.deepcopy(tiny[0]), p, 0)
         # round 0: no history, both references are the base model and the fresh student equals it
         assert H.reference_names(p, []) == []
-        assert H.heal_loss(model, b, p, 0, H.reference_names(p, []), "r0")["D"].item() == 0.0
+        assert _loss(model, b, p, 0, H.reference_names(p, []), "r0")["D"].item() == 0.0
     history = load_params("tiny")
     model = _student(tiny, history)
-    H.freeze(model, ["r0"])
-    model = H.add_round_adapter(model, history, 1)  # fresh r1: the student equals the history
-    with H.adapters(model, H.reference_names(load_params("tiny", barrier_ref="prev"), ["r0"])):
+    HI.freeze(model, ["r0"])
+    model = HI.add_round_adapter(model, history, 1)  # fresh r1: the student equals the history
+    with HI.adapters(model, H.reference_names(load_params("tiny", barrier_ref="prev"), ["r0"])):
         prev = _logits(model, b)
-    with H.adapters(model, H.reference_names(load_params("tiny", barrier_ref="base"), ["r0"])):
+    with HI.adapters(model, H.reference_names(load_params("tiny", barrier_ref="base"), ["r0"])):
         base = _logits(model, b)
     assert not torch.allclose(prev, base)
-    D = {ref: H.heal_loss(model, b, load_params("tiny", reg="kl_rev", barrier_ref=ref, spectral_lam=0.0), 1,
+    D = {ref: _loss(model, b, load_params("tiny", reg="kl_rev", barrier_ref=ref, spectral_lam=0.0), 1,
                           H.reference_names(load_params("tiny", barrier_ref=ref), ["r0"]), "r1")["D"].item()
          for ref in ("prev", "base")}
     assert D["prev"] == 0.0 and D["base"] > 0.01
@@ -222,14 +230,14 @@ def test_reference_prev_differs_from_base_once_history_exists(tiny):
 def test_saved_adapters_reload_and_stack(tiny, tmp_path):
     p = load_params("tiny")
     model = _student(tiny, p, seed=1)
-    model = H.add_round_adapter(model, p, 1)
+    model = HI.add_round_adapter(model, p, 1)
     randomize_lora(model, "r1", seed=2)
     b = _batch(tiny[1])
     logits = {}
     for names in (["r0"], ["r1"], ["r0", "r1"]):
-        with H.adapters(model, names):
+        with HI.adapters(model, names):
             logits[tuple(names)] = _logits(model, b)
-    paths = {n: H.save_adapter(model, n, tmp_path / "adapters" / n) for n in ("r0", "r1")}
+    paths = {n: HI.save_adapter(model, n, tmp_path / "adapters" / n) for n in ("r0", "r1")}
     for path in paths.values():
         assert (path / "adapter_model.safetensors").exists()
         assert json.loads((path / "adapter_config.json").read_text())["r"] == 4
@@ -237,7 +245,7 @@ def test_saved_adapters_reload_and_stack(tiny, tmp_path):
     alone = PeftModel.from_pretrained(copy.deepcopy(tiny[0]), str(paths["r0"]))
     torch.testing.assert_close(_logits(alone, b), logits[("r0",)], rtol=0, atol=0)
 
-    stacked = H.load_adapters(copy.deepcopy(tiny[0]), paths)
+    stacked = HI.load_adapters(copy.deepcopy(tiny[0]), paths)
     assert stacked.active_adapters == ["r0", "r1"]
     assert not any(q.requires_grad for q in stacked.parameters())
     torch.testing.assert_close(_logits(stacked, b), logits[("r0", "r1")], rtol=0, atol=0)
@@ -262,7 +270,7 @@ def test_sigma_max_matches_the_spectral_norm_and_has_gradients():
 def test_spectral_term_sums_scaled_sigma_over_the_adapters_pairs(tiny):
     p = load_params("tiny")
     model = _student(tiny, p)
-    pairs = list(H.lora_pairs(model, "r0"))
+    pairs = list(HI.lora_pairs(model, "r0"))
     assert len(pairs) == 14  # 7 projections x 2 layers
     expected = sum(torch.linalg.matrix_norm(s * (B @ A), ord=2) for A, B, s in pairs)
     torch.testing.assert_close(H.spectral_term(model, "r0", 50), expected, rtol=1e-3, atol=0)
@@ -275,7 +283,7 @@ STEP_KEYS = {"step", "epoch", "nll", "D", "barrier_fired", "grad_nll", "grad_bar
 
 def test_heal_trains_the_new_adapter_only_and_logs_every_step(tiny):
     tok = tiny[1]
-    p = load_params("tiny", reg="kl_rev", tau=0.0, lr=1e-2)
+    p = load_params("tiny", reg="kl_rev", tau=0.0, lr=1e-2, heal_grad_every=1)
     model = _student(tiny, p)  # r0 still trainable: heal must freeze the history itself
     before = _lora_weights(model, "r0")
     model, log = H.heal(model, tok, _records(tok, 8), p, round_idx=1, history=["r0"], progress=False)
@@ -295,7 +303,7 @@ def test_heal_trains_the_new_adapter_only_and_logs_every_step(tiny):
     assert model.active_adapters == ["r0", "r1"]
     assert not any(q.requires_grad for q in model.parameters())
     assert all(torch.equal(a, b) for a, b in zip(before, _lora_weights(model, "r0")))
-    assert all(B.abs().sum() > 0 for _, B, _ in H.lora_pairs(model, "r1"))
+    assert all(B.abs().sum() > 0 for _, B, _ in HI.lora_pairs(model, "r1"))
 
 
 def test_the_barrier_gradient_reaches_the_update_and_lam0_equals_nll(tiny):
@@ -331,7 +339,7 @@ def test_non_finite_loss_raises_and_removes_the_half_trained_adapter(tiny):
     # with history: the new adapter goes, the history stays active and untouched
     p = load_params("tiny", lr=1e30)
     model = _student(tiny, p)
-    H.freeze(model, ["r0"])
+    HI.freeze(model, ["r0"])
     before = _logits(model, b)
     with pytest.raises(RuntimeError, match="non-finite"):
         H.heal(model, tok, _records(tok, 8), p, round_idx=1, history=["r0"], progress=False)
@@ -345,6 +353,46 @@ def test_warns_when_tau_sits_above_the_operating_kl(tiny):
     with pytest.warns(UserWarning, match="never fired"):
         _, log = H.heal(copy.deepcopy(tiny[0]), tok, _records(tok, 4), p, round_idx=0, history=[], progress=False)
     assert not log["barrier_fired_any"]
+
+
+def test_gradient_split_is_sampled_every_nth_and_the_last_step(tiny):
+    tok = tiny[1]
+    p = load_params("tiny", barrier_ref="base", reg="kl_rev", tau=0.0, lr=1e-2, heal_grad_every=3)
+    _, log = H.heal(_student(tiny, p), tok, _records(tok, 8), p, round_idx=1, history=["r0"], progress=False)
+    measured = [s["step"] for s in log["steps"] if not math.isnan(s["grad_nll"])]
+    assert measured == [0, 3]  # 4 steps: every 3rd from 0, and the last
+    assert all(math.isnan(s["pressure"]) for s in log["steps"] if s["step"] in (1, 2))
+
+
+def test_cached_reference_states_give_the_reference_forward_pass(tiny):
+    """The barrier reads the reference through the LM head on cached final hidden states: the same
+    log-probs (and D) as a whole reference forward pass."""
+    p = load_params("tiny", reg="kl_rev", kl_agg="rmse", spectral_lam=0.0)
+    model = _student(tiny, p)
+    model = HI.add_round_adapter(model, p, 1)
+    randomize_lora(model, "r1", seed=3)
+    b = _batch(tiny[1], n=3)
+    with torch.no_grad(), HI.adapters(model, ["r0"]):
+        full = H.completion_logprobs(model, b["input_ids"], b["attention_mask"], b["loss_mask"])
+    cached = H.head_logprobs(model, H.batch_reference_states(model, b, ["r0"], p, check=True))
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=0)
+    # per example (as heal keeps them) concatenates back to the batch's rows
+    ex = H.encode_records(tiny[1], _records(tiny[1], 3))
+    per = H.reference_states(model, ex, ["r0"], tiny[1].pad_token_id, 2, p)
+    assert [len(h) for h in per] == [len(c) for _, c in ex]
+    torch.testing.assert_close(H.head_logprobs(model, torch.cat(per)), full, atol=1e-5, rtol=0)
+
+
+def test_bfloat16_heal_losses_stay_near_float32(tiny):
+    """heal_dtype=bfloat16 (autocast) changes the losses by rounding only."""
+    tok = tiny[1]
+    logs = {}
+    for dtype in ("float32", "bfloat16"):
+        p = load_params("tiny", reg="kl_rev", tau=0.0, lr=1e-2, heal_dtype=dtype, heal_grad_every=1)
+        _, logs[dtype] = H.heal(_student(tiny, p), tok, _records(tok, 8), p, round_idx=1, history=["r0"], progress=False)
+    for a, b in zip(logs["float32"]["steps"], logs["bfloat16"]["steps"]):
+        assert b["nll"] == pytest.approx(a["nll"], rel=0.02)
+    assert logs["bfloat16"]["steps"][-1]["nll"] != logs["float32"]["steps"][-1]["nll"]  # autocast really ran
 
 
 def test_skipping_the_gradient_split_trains_the_same_adapter_and_logs_nan_norms(tiny):

@@ -3,6 +3,7 @@ discarded, the entry survives a crash, and the headline's verdicts."""
 import json
 
 import pytest
+import torch
 
 from shl import heal, loop, report
 from shl.journal import prepare_run_dir, read_metrics, resolve_run
@@ -65,10 +66,10 @@ def _die_in_heal(monkeypatch):
 def _die_after_the_adapter_is_saved(monkeypatch):
     real = loop.round_student_vector
 
-    def dies(model, tok, contexts, layers, before, after, batch_size, progress):
+    def dies(model, tok, contexts, layers, before, after, *args):
         if len(before) == 1:  # round 2: heal line, adapter, heal plot, healed eval and demos are written
             raise KeyboardInterrupt("simulated kill in round 2, after its adapter was saved")
-        return real(model, tok, contexts, layers, before, after, batch_size, progress)
+        return real(model, tok, contexts, layers, before, after, *args)
     monkeypatch.setattr(loop, "round_student_vector", dies)
 
 
@@ -188,6 +189,29 @@ def test_resume_refuses_a_finished_round_whose_adapter_is_missing(tmp_path):
 
 def _eval(stage, k, coherence, **nats):
     return {"stage": stage, "round": k, "coherence": coherence, **{f"{f}_nats": nats.get(f, -2.0) for f in FOUNDATIONS}}
+
+
+def test_round_student_vector_reads_each_adapter_stack_once_across_rounds(tiny, monkeypatch):
+    """Round k's student (history + r{k}) is round k+1's reference: its states are read once."""
+    import copy
+    from conftest import randomize_lora
+    from shl import history, steer
+    p = load_params("tiny")
+    model = history.add_round_adapter(copy.deepcopy(tiny[0]), p, 0)
+    randomize_lora(model, "r0", seed=1)
+    model = history.add_round_adapter(model, p, 1)
+    randomize_lora(model, "r1", seed=2)
+    calls = []
+    real = steer.last_token_states
+    monkeypatch.setattr(steer, "last_token_states", lambda *a, **k: calls.append(a[-1]) or real(*a, **k))
+    states = {}
+    v0 = loop.round_student_vector(model, tiny[1], ["Hi", "Plan a picnic"], [0, 1], [], ["r0"], 2, False, states)
+    v1 = loop.round_student_vector(model, tiny[1], ["Hi", "Plan a picnic"], [0, 1], ["r0"], ["r0", "r1"], 2, False, states)
+    assert calls == ["student base", "student r0", "student r0+r1"]  # r0's states serve both rounds
+    fresh = loop.round_student_vector(model, tiny[1], ["Hi", "Plan a picnic"], [0, 1], ["r0"], ["r0", "r1"], 2, False)
+    for l in (0, 1):
+        assert v0.layers[l].abs().max() > 1e-4
+        torch.testing.assert_close(v1.layers[l], fresh.layers[l])
 
 
 @pytest.mark.parametrize("healed, verdict", [

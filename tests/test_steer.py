@@ -52,6 +52,19 @@ def test_extraction_reads_the_last_prompt_token_under_left_padding(tiny):
             torch.testing.assert_close(batched[l][i], single[l][0], atol=1e-5, rtol=1e-5)
 
 
+def test_prefix_cached_early_stopped_states_equal_a_plain_forward_pass(tiny):
+    """last_token_states runs the shared prefix once and stops after the deepest layer it reads:
+    the same states as one whole unpadded forward pass per prompt."""
+    model, tok = tiny
+    prompts = [chat_prompt(tok, x, "You are a careful, kind assistant.") for x in ["Hi", "Plan a picnic for six", "Why?"]]
+    fast = steer.last_token_states(model, tok, prompts, [0], batch_size=2, progress=False)
+    for i, p in enumerate(prompts):
+        ids = torch.tensor([tok(p, add_special_tokens=False).input_ids])
+        with torch.no_grad(), steer.capture(model, [0]) as seen:
+            model(ids)
+        torch.testing.assert_close(fast[0][i], seen[0][0, -1], atol=1e-5, rtol=1e-5)
+
+
 def test_extract_is_the_mean_difference_of_pos_and_neg_states(tiny):
     model, tok = tiny
     contexts = ["Hi", "Plan a picnic", "Fix my bike chain"]
@@ -116,7 +129,11 @@ def test_student_vector_is_zero_with_a_fresh_adapter(tiny):
     model, tok = tiny
     import copy
     peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
-    vec = steer.student_vector(peft_model, tok, ["Hi", "Plan a picnic"], [0, 1], progress=False)
+    prompts = [chat_prompt(tok, x) for x in ["Hi", "Plan a picnic"]]
+    h_student = steer.last_token_states(peft_model, tok, prompts, [0, 1], progress=False)
+    with peft_model.disable_adapter():
+        h_base = steer.last_token_states(peft_model, tok, prompts, [0, 1], progress=False)
+    vec = steer.student_vector(h_student, h_base)
     assert all(v.abs().max() < 1e-6 for v in vec.layers.values())  # LoRA B starts at zero
 
 
