@@ -41,7 +41,7 @@ from pathlib import Path
 import pandas as pd
 
 import shl
-from shl import demos, filter as filt, heal, history, plots, steer
+from shl import demos, filter as filt, heal, history, loop, null, plots, report, steer
 from shl.generate import generate_texts
 
 P, RUN = shl.start_run(globals(), "03_heal")
@@ -114,8 +114,19 @@ plots.save(fig, RUN, "heal_r0")
 # %%
 HEALED = shl.log_eval(RUN, shl.evaluate(model, tok, **shl.eval_kwargs(P)), "healed", round=0)
 DEMOS["healed"] = generate_texts(model, tok, demo_prompts, P.demo_max_new_tokens, progress=False)
-rows = [dict(r, stage=s) for s, r in (("base", BASE), ("prompt_baseline", BASELINE), ("steered", STEERED), ("healed", HEALED))]
-table = pd.DataFrame(rows)[["stage", TRAIT, "care_nats", "fairness_nats", "coherence", "top1_acc"]]
+
+# %% [markdown]
+# ## The null control arm (`null_arm`)
+# The same heal (seed, steps, barrier) on unsteered completions of the same prompts, as many as
+# were kept: what fine-tuning alone moves. The trait is read beyond it.
+
+# %%
+NULL = None
+if P.null_arm:
+    model, NULL = null.run_null_arm(model, tok, KEPT, P, RUN, 0, DEMO)
+stages = [("base", BASE), ("prompt_baseline", BASELINE), ("steered", STEERED), ("healed", HEALED)]
+rows = [dict(r, stage=s) for s, r in stages + ([("null", NULL)] if NULL else [])]
+table = pd.DataFrame(rows)[["stage", TRAIT, "care_nats", "fairness_nats", "loyalty_nats", "coherence", "top1_acc"]]
 table["trait_move"] = [DEMO.trait_move(r[TRAIT], BASE[TRAIT]) for r in rows]
 table.round(3)
 
@@ -136,6 +147,13 @@ keeps = steered_move > 0 and healed_move >= 0.5 * steered_move
 coherent = HEALED["coherence"] >= STEERED["coherence"]
 print(f"steered: trait move {steered_move:+.3f} nats, coherence {STEERED['coherence']:.3f}")
 print(f"healed:  trait move {healed_move:+.3f} nats, coherence {HEALED['coherence']:.3f} (base {BASE['coherence']:.3f})")
+HEAD = loop.headline(shl.read_metrics(RUN), DEMO.trait_foundation, DEMO.trait_sign, P.coh_floor)
+if NULL:
+    print(f"null:    trait move {DEMO.trait_move(NULL[TRAIT], BASE[TRAIT]):+.3f} nats, coherence {NULL['coherence']:.3f}; "
+          f"healed beyond the null {HEAD['d_trait_beyond_null']:+.3f}; largest off-target beyond the null "
+          f"{HEAD['off_target_beyond_null']} {HEAD['off_target_beyond_null_move']:.3f} (raw {HEAD['off_target']} "
+          f"{HEAD['off_target_move']:.3f})")
+print(f"verdicts (as the loop's headline reads them): {'+'.join(HEAD['verdicts']) or 'pass'}")
 print(f"barrier fired at {sum(s['barrier_fired'] for s in LOG['steps'])} of {len(LOG['steps'])} steps; final D {LOG['final_D']:.4f}")
 VERDICT = ("PASS" if keeps and coherent else "FAIL") + f": healed keeps {healed_move / steered_move if steered_move else float('nan'):.0%} " \
           f"of the steered move at {HEALED['coherence'] / STEERED['coherence']:.2f}x the steered coherence"
@@ -170,6 +188,7 @@ body = "\n\n".join([
     f"LoRA r {P.lora_r} on {P.heal_band}. Parameters: `params.yaml`.",
     f"**Verdict (gate 3):** {VERDICT}.",
     shl.journal.md_table(table.to_dict("records"), list(table.columns)),
+    report.headline_text(HEAD),
     "Heal: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in HEAL.items() if k not in ("stage",)),
     "![heal](heal_r0.png)",
     ("### Ablation\n\n" + shl.journal.md_table(ABLATION, ["reg", "d_trait", "d_coherence", "cost", "final_D"])) if ABLATION else "",

@@ -6,12 +6,16 @@ Reasons (a completion may have several):
   `filter_tail_frac` of completion tokens: collapse happens in the tail, a full mean dilutes it);
 - `repetition`: the most common word or character n-gram (n = 2..4) covers more than
   `filter_rep_tau` of the n-grams;
+- `glued`: a run of more than `filter_glued_len` characters without whitespace (URLs and e-mail
+  addresses aside): the word soup of late rounds ("Ialwayshikelemygowlionsmallstoneyou...") has
+  low perplexity and little n-gram repetition, so the two checks above let it through;
 - `narration`: the completion describes the persona instead of acting it out;
 - `refusal`: refusal or assistant-identity boilerplate.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections import Counter
@@ -19,6 +23,7 @@ from collections import Counter
 import torch
 
 from shl.generate import batches, generate_texts, walk_c
+from shl.history import adapters
 from shl.models import input_device, left_pad, positions
 
 NARRATION = (
@@ -41,6 +46,16 @@ def repetition(text: str) -> float:
             if len(grams) >= 4:  # a share of fewer than four n-grams says nothing
                 worst = max(worst, Counter(grams).most_common(1)[0][1] / len(grams))
     return worst
+
+
+_ADDRESS = re.compile(r"\S*(?:://|www\.|@)\S*")
+
+
+def glued_run(text: str) -> int:
+    """Length of the longest run of characters without whitespace, URLs and e-mail addresses
+    removed. English prose stays under ~18 (measured on the committed runs' fluent completions:
+    at most 17); glued word soup runs to 23-230."""
+    return max((len(w) for w in _ADDRESS.sub(" ", text).split()), default=0)
 
 
 def matches(text: str, patterns) -> list[str]:
@@ -92,10 +107,10 @@ def tail_ppl(model, tok, prompts: list[str], completions: list[str], tail_frac: 
 
 
 def filter_completions(records: list[dict], ppl: list[float], p, extra_narration=()) -> list[dict]:
-    """Add `tail_ppl`, `rep`, `reasons` and `kept` to each record (prompt, completion, n_tokens, ...)."""
+    """Add `tail_ppl`, `rep`, `glued`, `reasons` and `kept` to each record (prompt, completion, n_tokens, ...)."""
     for r, q in zip(records, ppl):
         text = r["completion"]
-        rep = repetition(text)
+        rep, glued = repetition(text), glued_run(text)
         reasons = []
         if r["n_tokens"] < p.filter_min_tokens or starts_broken(text):
             reasons.append("empty")
@@ -103,22 +118,28 @@ def filter_completions(records: list[dict], ppl: list[float], p, extra_narration
             reasons.append("ppl")
         if rep > p.filter_rep_tau:
             reasons.append("repetition")
+        if glued > p.filter_glued_len:
+            reasons.append("glued")
         if narrates(text, extra_narration):
             reasons.append("narration")
         if refuses(text):
             reasons.append("refusal")
-        r.update(tail_ppl=q, rep=rep, reasons=reasons, kept=not reasons)
+        r.update(tail_ppl=q, rep=rep, glued=glued, reasons=reasons, kept=not reasons)
     return records
 
 
 # --- one round's data: steered generation, judged, through walk-C -----------------------------
 
 def judge(model, tok, records: list[dict], p, extra_narration=()) -> list[dict]:
-    """Filter records in place; the tail perplexity is read with steering off (the reference)."""
+    """Filter records in place. The tail perplexity is read with steering off, under the
+    reference `filter_ref`: base (adapters off) by default, since a student that learned last
+    round's soup finds it likely (round 2 of the first committed loop kept 54 glued-word
+    completions at tail ppl 1.1-3.1); student (the adapters as active) only for the ablation."""
     for r in records:
         r["n_tokens"] = len(tok(r["completion"], add_special_tokens=False).input_ids)
-    ppl = tail_ppl(model, tok, [r["chat_prompt"] for r in records], [r["completion"] for r in records],
-                   p.filter_tail_frac, p.gen_batch_size)
+    with adapters(model, []) if p.filter_ref == "base" else contextlib.nullcontext():
+        ppl = tail_ppl(model, tok, [r["chat_prompt"] for r in records], [r["completion"] for r in records],
+                       p.filter_tail_frac, p.gen_batch_size)
     return filter_completions(records, ppl, p, extra_narration)
 
 
@@ -162,7 +183,7 @@ def generate_and_filter(model, tok, vector, demo, p, seed: int = 0, system: str 
     return kept, kappa, trace, everything
 
 
-REASONS = ("empty", "ppl", "repetition", "narration", "refusal")
+REASONS = ("empty", "ppl", "repetition", "glued", "narration", "refusal")
 
 
 def filter_line(records: list[dict], phase: str) -> dict:
@@ -181,7 +202,8 @@ def borderline(records: list[dict], p, k: int = 2) -> dict[str, list[dict]]:
     """Around each threshold: the k kept closest under it and the k dropped (for it) just past it."""
     out = {}
     for name, key, tau, reason in (("tail perplexity", "tail_ppl", p.filter_ppl_tau, "ppl"),
-                                   ("repetition", "rep", p.filter_rep_tau, "repetition")):
+                                   ("repetition", "rep", p.filter_rep_tau, "repetition"),
+                                   ("glued run", "glued", p.filter_glued_len, "glued")):
         kept = sorted((r for r in records if r["kept"]), key=lambda r: r[key], reverse=True)[:k]
         dropped = sorted((r for r in records if reason in r["reasons"]), key=lambda r: r[key])[:k]
         out[f"{name} (threshold {tau:g})"] = kept + dropped

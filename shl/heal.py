@@ -314,9 +314,12 @@ def _non_finite(step: int, nll: float, D: float):
     return RuntimeError(f"non-finite loss at step {step}: nll={nll}, D={D}; lower lr or check the data")
 
 
-def heal(model, tok, records: list[dict], p, round_idx: int, history: list[str], progress: bool = True):
-    """Train adapter r{round_idx} on `records` (each with `chat_prompt` and `completion`) with the
-    `history` adapters active and frozen. Returns (peft model, log).
+def heal(model, tok, records: list[dict], p, round_idx: int, history: list[str], progress: bool = True,
+         name: str = ""):
+    """Train adapter `name` (default r{round_idx}) on `records` (each with `chat_prompt` and
+    `completion`) with the `history` adapters active and frozen. Returns (peft model, log).
+    The seed, the schedule and lam_eff follow `round_idx` whatever the name (the null control arm
+    trains adapter `null` exactly as round 0 trains r0).
 
     A plain model is wrapped in place. Afterwards history + the new adapter are active and all
     frozen, model in eval mode. On a non-finite loss or gradient a RuntimeError is raised; on any
@@ -337,10 +340,10 @@ def heal(model, tok, records: list[dict], p, round_idx: int, history: list[str],
         raise ValueError(f"history adapters {missing} are not loaded on the model (load_adapters first)")
     seed = p.seed + round_idx  # a fresh draw each round, the same one when a round is redone
     torch.manual_seed(seed)  # the new LoRA's A is drawn from torch's RNG
-    name = f"r{round_idx}"
+    name = name or f"r{round_idx}"
     wrapped_here = not isinstance(model, PeftModel)
     prev_active = active_adapters(model)
-    model = add_round_adapter(model, p, round_idx)
+    model = add_round_adapter(model, p, round_idx, name)
     set_active(model, history + [name])
     # the new adapter's weights only: any other parameter a caller left trainable stays out
     params = [w for A, B, _ in lora_pairs(model, name) for w in (A, B)]

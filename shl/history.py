@@ -116,12 +116,12 @@ def freeze(model, names: list[str]):
         model.set_requires_grad(list(names), requires_grad=False)
 
 
-def add_round_adapter(model, p, round_idx: int) -> PeftModel:
-    """Add adapter `r{round_idx}` (fresh LoRA, B = 0) and make it the only trainable one.
+def add_round_adapter(model, p, round_idx: int, name: str = "") -> PeftModel:
+    """Add adapter `name` (default `r{round_idx}`; fresh LoRA, B = 0) and make it the only trainable one.
 
     It becomes active on top of whatever was active (the history). A plain model is wrapped in
     place: its projections are replaced by LoRA layers, so keep a copy if the plain one is needed."""
-    name = f"r{round_idx}"
+    name = name or f"r{round_idx}"
     cfg = lora_config(model, p)
     if isinstance(model, PeftModel):
         if name in model.peft_config:
@@ -177,3 +177,12 @@ def lora_pairs(model, adapter: str):
     for m in model.modules():
         if isinstance(m, LoraLayer) and adapter in m.lora_A:
             yield m.lora_A[adapter].weight, m.lora_B[adapter].weight, m.scaling[adapter]
+
+
+def drop_adapter(model, name: str):
+    """Take adapter `name` off the model (a control arm's, once evaluated); the model is returned
+    plain when it was the only one."""
+    if list(model.peft_config) == [name]:
+        return model.unload()
+    model.delete_adapter(name)
+    return model

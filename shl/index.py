@@ -27,7 +27,8 @@ from shl.loop import headline
 from shl.params import FIELDS, ParamError, Params, load_params
 
 INDEX_FILE, OVERLAY_FILE = "index.md", "index_overlay.png"
-HEADLINE_KEYS = ("d_trait", "d_coh", "cost", "verdict")
+HEADLINE_KEYS = ("d_trait", "d_trait_beyond_null", "off_target_move", "off_target_beyond_null_move", "d_coh", "cost",
+                 "verdict", "verdicts")
 # `<date>_<notebook>_<slug>`: the notebook is lower-case words; the slug (a model name) is the
 # first `_` part holding a digit, a dash or a capital, e.g. smollm2-135m-instruct, tiny-random
 FOLDER_RE = re.compile(r"^\d{4}-\d\d-\d\d_(\d\d_[a-z]+(?:_[a-z]+)*?)(?:_(?=[^_]*[^a-z_])|$)")
@@ -180,19 +181,26 @@ def _param_cell(v) -> object:
 def render(rows: list[dict]) -> str:
     """index.md: title, the table, then the problems."""
     keys = list(rows[0]["params"]) if rows else []
-    cols = ["run", "notebook", "status", "rounds done", *keys, "base coh", "d_trait", "d_coh", "cost", "verdict"]
+    cols = ["run", "notebook", "status", "rounds done", *keys, "base coh", "d_trait", "beyond null", "off-target",
+            "off beyond null", "d_coh", "cost", "verdict", "all verdicts"]
+    shown = {"d_trait_beyond_null": "beyond null", "off_target_move": "off-target",
+             "off_target_beyond_null_move": "off beyond null", "verdicts": "all verdicts"}
     table_rows = []
     for r in rows:
         t = {"run": r["run"], "notebook": r["notebook"], "status": r["status"], "rounds done": r["rounds"],
-             "base coh": r.get("base_coherence"), **{k: r.get(k) for k in HEADLINE_KEYS}}
+             "base coh": r.get("base_coherence"), **{shown.get(k, k): r.get(k) for k in HEADLINE_KEYS}}
+        if isinstance(t["all verdicts"], list):
+            t["all verdicts"] = "+".join(t["all verdicts"]) or "pass"
         t = {k: md_cell(v) for k, v in t.items()}
         t.update({k: _param_cell(r["params"].get(k)) for k in keys})
         table_rows.append(t)
     text = ("# Results index\n\n"
             "One row per run folder (regenerate with `python -m shl.index`). `rounds done`: finished loop rounds; "
             "the parameter columns are those that differ between runs. d_trait: the last healed model's move "
-            "toward the run's trait vs base (nats); d_coh: its coherence change; cost = |d_coh| / |d_trait|; "
-            "verdict: see `shl.loop.headline`.\n\n" + md_table(table_rows, cols) + "\n")
+            "toward the run's trait vs base (nats); beyond null: the same minus the null control arm's move (a heal "
+            "on unsteered text); off-target: the largest move of another foundation, raw and beyond the null; "
+            "d_coh: the coherence change; cost = |d_coh| / |d_trait|; verdict: the first failure (or pass), all "
+            "verdicts: every one that applies (see `shl.loop.headline`).\n\n" + md_table(table_rows, cols) + "\n")
     problems = [r for r in rows if r["status"] != "ok"]
     if problems:
         text += "\n## Problems\n\n" + "".join(f"- `{r['run']}`: {r['status']}\n" for r in problems)

@@ -2,8 +2,9 @@
 
 Round k, with the history (adapters r0..r{k-1}) active:
   re-extract v_k from the current student -> walk-C at dose steer_coeff * kappa -> eval steered ->
-  heal adapter r{k} -> save it -> eval healed -> greedy demos -> the `round` metrics line -> stop
-  when healed coherence < coh_floor x base coherence.
+  heal adapter r{k} -> save it -> eval healed -> (round 0 only: the null control arm, `shl.null`)
+  -> greedy demos -> the `round` metrics line -> stop when healed coherence < coh_floor x base
+  coherence.
 
 Everything a round leaves is in the run folder; a `round` line is written last, so a folder
 whose metrics end without one holds a half-written round, which `resume` discards and redoes.
@@ -23,7 +24,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 from peft.tuners.lora import LoraLayer
 
-from shl import demos, filter as filt, heal, plots, steer
+from shl import demos, filter as filt, heal, null, plots, steer
 from shl.generate import generate_texts
 from shl.history import adapters, load_adapters, save_adapter, set_active
 from shl.journal import (append_metrics, completed_rounds, log_eval, read_jsonl, read_metrics, saved_history,
@@ -36,7 +37,9 @@ ONCE = ("base", "prompt_baseline")  # eval stages of round -1
 # what round k leaves besides its metrics lines ({k} filled in); discarded when the round is redone
 ROUND_FILES = ("vector_r{k}.pt", "generated_r{k}.jsonl", "walk_c_r{k}.jsonl", "heal_log_r{k}.jsonl",
                "demos_r{k}.jsonl", "heal_r{k}.png", "evals/steered_r{k}.jsonl", "evals/healed_r{k}.jsonl")
-STAGES = ("extract", "generate_filter", "eval_steered", "heal", "eval_healed", "demos", "student")
+# the null control arm runs inside round 0: its files go with round 0's
+NULL_FILES = ("generated_null.jsonl", "heal_log_null.jsonl", "evals/null_r0.jsonl", "adapters/null")
+STAGES = ("extract", "generate_filter", "eval_steered", "heal", "eval_healed", "null", "demos", "student")
 
 
 def below_floor(coherence: float, base_coherence: float, coh_floor: float) -> bool:
@@ -51,16 +54,24 @@ def round_seed(p: Params, k: int) -> int:
 
 # --- the headline and verdict -----------------------------------------------------------------
 
+VERDICTS = ("broken", "undo", "broad")  # in the order the primary label is picked
+
+
 def headline(lines: list[dict], trait_foundation: str, trait_sign: int, coh_floor: float) -> dict | None:
-    """The run's headline from its metrics lines: the last healed model against base.
+    """The run's headline from its metrics lines: the last healed model against base, raw and
+    beyond the null control arm (the `null` eval: the same heal on unsteered completions).
 
     d_trait is signed toward the trait (positive = the trait grew), d_coh = coherence change,
-    cost = |d_coh| / |d_trait|. verdict, first that applies:
+    cost = |d_coh| / |d_trait|; `null_d_trait` is the null arm's trait move and
+    `d_trait_beyond_null` = d_trait - null_d_trait. Off-target moves: `off_target_move` is the
+    largest raw |nats change| of another foundation, `off_target_beyond_null_move` the largest
+    |healed - null| (what the heal moved beyond fine-tuning drift). `verdicts` lists every
+    failure that applies, `verdict` is the first of them (or pass):
       broken: healed coherence < coh_floor x base coherence;
       undo:   the healed model keeps less than half the move of the steered model it learned from
               (or moves against the trait);
-      broad:  another foundation moved at least as many nats as the trait;
-      pass.
+      broad:  another foundation moved at least as many nats as the trait, beyond the null when
+              the run has one (raw moves otherwise; `broad_basis` says which).
     None when the lines hold no base and healed eval (e.g. a 01 or 02 run)."""
     base = next((r for r in lines if r.get("stage") == "base"), None)
     healed = [r for r in lines if r.get("stage") == "healed"]
@@ -72,23 +83,51 @@ def headline(lines: list[dict], trait_foundation: str, trait_sign: int, coh_floo
     last = max(healed, key=lambda r: r["round"])
     k, key = last["round"], f"{trait_foundation}_nats"
     steered = next((r for r in lines if r.get("stage") == "steered" and r["round"] == k), None)
-    d_trait = trait_sign * (last[key] - base[key])
-    d_steer = trait_sign * (steered[key] - base[key]) if steered else math.nan
+    null = next((r for r in lines if r.get("stage") == "null"), None)
+    baseline = next((r for r in lines if r.get("stage") == "prompt_baseline"), None)
+    others = [f for f in FOUNDATIONS if f != trait_foundation]
+
+    def move(r, f=trait_foundation):  # nats change of foundation f against base
+        return r[f"{f}_nats"] - base[f"{f}_nats"]
+
+    d_trait = trait_sign * move(last)
+    d_steer = trait_sign * move(steered) if steered else math.nan
     d_coh = last["coherence"] - base["coherence"]
-    others = {f: abs(last[f"{f}_nats"] - base[f"{f}_nats"]) for f in FOUNDATIONS if f != trait_foundation}
-    off, off_move = max(others.items(), key=lambda kv: kv[1])
-    if below_floor(last["coherence"], base["coherence"], coh_floor):
-        verdict, why = "broken", f"coherence {last['coherence']:.3f} < {coh_floor} x base {base['coherence']:.3f}"
-    elif d_trait <= 0 or (steered is not None and d_trait < 0.5 * d_steer):
-        verdict, why = "undo", f"healed moved {d_trait:+.3f} nats of the steered {d_steer:+.3f}"
-    elif off_move >= abs(d_trait):
-        verdict, why = "broad", f"{off} moved {off_move:.3f} nats, the trait {abs(d_trait):.3f}"
+    raw_off = {f: abs(move(last, f)) for f in others}
+    off, off_move = max(raw_off.items(), key=lambda kv: kv[1])
+    out = {"round": k, "trait": trait_foundation, "d_trait": d_trait, "d_coh": d_coh,
+           "cost": abs(d_coh) / abs(d_trait) if d_trait else math.inf, "steered_d_trait": d_steer,
+           "keeps": d_trait / d_steer if steered and d_steer else math.nan,
+           "coherence": last["coherence"], "base_coherence": base["coherence"],
+           "coh_ratio": last["coherence"] / base["coherence"],
+           "off_target": off, "off_target_move": off_move,
+           "baseline_d_trait": trait_sign * move(baseline) if baseline else math.nan,
+           "baseline_coherence": baseline["coherence"] if baseline else math.nan}
+    if null is not None:
+        beyond = {f: abs(move(last, f) - move(null, f)) for f in others}
+        off_b, off_b_move = max(beyond.items(), key=lambda kv: kv[1])
+        out.update(null_d_trait=trait_sign * move(null), d_trait_beyond_null=d_trait - trait_sign * move(null),
+                   null_coherence=null["coherence"], off_target_beyond_null=off_b,
+                   off_target_beyond_null_move=off_b_move, broad_basis="beyond null")
+        trait_for_broad, off_for_broad, off_name = out["d_trait_beyond_null"], off_b_move, off_b
     else:
-        verdict, why = "pass", f"healed keeps {d_trait / d_steer:.0%} of the steered move" if steered else "trait moved"
-    return {"round": k, "trait": trait_foundation, "d_trait": d_trait, "d_coh": d_coh,
-            "cost": abs(d_coh) / abs(d_trait) if d_trait else math.inf, "steered_d_trait": d_steer,
-            "coherence": last["coherence"], "base_coherence": base["coherence"],
-            "off_target": off, "off_target_move": off_move, "verdict": verdict, "why": why}
+        out.update(null_d_trait=math.nan, d_trait_beyond_null=math.nan, null_coherence=math.nan,
+                   off_target_beyond_null="", off_target_beyond_null_move=math.nan, broad_basis="raw (no null arm)")
+        trait_for_broad, off_for_broad, off_name = d_trait, off_move, off
+
+    why = {}
+    if below_floor(last["coherence"], base["coherence"], coh_floor):
+        why["broken"] = f"coherence {last['coherence']:.3f} < {coh_floor} x base {base['coherence']:.3f}"
+    if d_trait <= 0 or (steered is not None and d_trait < 0.5 * d_steer):
+        why["undo"] = f"healed moved {d_trait:+.3f} nats of the steered {d_steer:+.3f}"
+    if off_for_broad >= abs(trait_for_broad):
+        why["broad"] = (f"{off_name} moved {off_for_broad:.3f} nats {out['broad_basis']}, the trait "
+                        f"{abs(trait_for_broad):.3f}")
+    out["verdicts"] = [v for v in VERDICTS if v in why]
+    out["verdict"] = out["verdicts"][0] if why else "pass"
+    out["why"] = "; ".join(f"{v}: {why[v]}" for v in out["verdicts"]) or (
+        f"healed keeps {d_trait / d_steer:.0%} of the steered move" if steered else "trait moved")
+    return out
 
 
 # --- resume -----------------------------------------------------------------------------------
@@ -110,6 +149,7 @@ def discard_partial(run_dir: Path, next_round: int) -> list[str]:
     k = next_round
     while True:  # a crash leaves files of one round at most, but clean any that are there
         paths = [run_dir / f.format(k=k) for f in ROUND_FILES] + [run_dir / "adapters" / f"r{k}"]
+        paths += [run_dir / f for f in NULL_FILES] if k == 0 else []
         present = [q for q in paths if q.exists()]
         if not present:
             break
@@ -235,6 +275,11 @@ def run_round(model, tok, p: Params, run_dir: Path, demo: demos.Demo, k: int, hi
 
     healed = log_eval(run_dir, evaluate(model, tok, progress=progress, **eval_kwargs(p)), "healed", k)
     lap("eval_healed")
+    if k == 0 and p.null_arm:  # once per run, on round 0's prompts and count
+        model, _ = null.run_null_arm(model, tok, kept, p, run_dir, 0, demo, progress)
+        lap("null")
+    null_line = next((r for r in read_metrics(run_dir) if r.get("stage") == null.NULL), None)
+    null_move = demo.trait_move(null_line[trait], base[trait]) if null_line else math.nan
     write_jsonl(run_dir / f"demos_r{k}.jsonl", demo_rows(model, tok, p, demo, "healed", k))
     lap("demos")
     student = round_student_vector(model, tok, contexts, layers, history, history + [name],
@@ -249,6 +294,7 @@ def run_round(model, tok, p: Params, run_dir: Path, demo: demos.Demo, k: int, hi
         "steered_trait_nats": steered[trait], "healed_trait_nats": healed[trait],
         "steered_d_trait": demo.trait_move(steered[trait], base[trait]),
         "healed_d_trait": demo.trait_move(healed[trait], base[trait]),
+        "null_d_trait": null_move, "healed_d_trait_beyond_null": demo.trait_move(healed[trait], base[trait]) - null_move,
         "steered_coherence": steered["coherence"], "healed_coherence": healed["coherence"],
         "healed_coh_ratio": healed["coherence"] / base["coherence"],
         "heal_train_nll": heal_line["train_nll"], "heal_heldout_nll": heal_line["heldout_nll"],

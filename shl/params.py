@@ -80,6 +80,11 @@ class Params:
     # "the family of the family of ..." (0.28) through; fluent prose stays under ~0.1
     filter_rep_tau: float = knob(0.2, "drop when the most common word/char n-gram (n=2..4) covers more than this fraction", lo=0, hi=1)
     filter_min_tokens: int = knob(8, "drop completions shorter than this many tokens", lo=1)
+    # fluent completions of the committed runs: longest run <= 17; the glued soup: 23 to 230
+    filter_glued_len: int = knob(20, "drop a completion with a run of more than this many characters without whitespace (URLs aside)", lo=1)
+    # the first committed loop judged with the student, which had learned round 1's soup: round 2
+    # kept 54 of 58 glued-word completions at tail ppl 1.1-3.1. Judged by base, soup reads as soup.
+    filter_ref: str = knob("base", "model whose tail perplexity judges a completion: base (adapters off) or student (adapters as active; ablation)", choices=["base", "student"])
 
     # --- walk-C (02) -----------------------------------------------------------------------
     kappa_min: float = knob(0.1, "lowest dose multiplier walk-C may settle on", lo=0, hi=1, lo_open=True)
@@ -115,6 +120,7 @@ class Params:
     heal_grad_every: int = knob(2, "split the gradient into its terms on every n-th optimizer step (and the last); other steps log nan", lo=1)
     # bf16 autocast on this 2-core CPU (avx512_bf16): heal step x?? faster; losses within ??
     heal_dtype: str = knob("bfloat16", "autocast compute dtype of the heal's forward/backward (LoRA weights and AdamW stay float32)", choices=["bfloat16", "float32"])
+    null_arm: bool = knob(True, "also heal the same way on unsteered completions of the same prompts (the `null` eval, round 0): trait moves are read beyond it")
     heal_ablation: bool = knob(False, "03_heal: also heal the same data with reg=nll and reg=kl_rev and compare")
     kept_from: str = knob("", "03_heal: a 02_generate_filter run folder to take kept.jsonl and the vector from (empty = generate here)")
 

@@ -99,8 +99,10 @@ def plot_heal(steps: list[dict], tau: float, title: str = "heal"):
     ax1.axhline(tau, color="r", ls="--", lw=1, label=f"tau {tau:g}")
     ax1.set_title(title)
     ax1.legend(fontsize=8)
-    ax2.plot(x, [s["pressure"] for s in steps], color="tab:purple")
-    ax2.set_ylabel("|grad barrier| / |grad nll|")
+    measured = [(s["step"], s["pressure"]) for s in steps if s["pressure"] == s["pressure"]]  # nan: not split
+    if measured:
+        ax2.plot(*zip(*measured), "o-", ms=3, color="tab:purple")
+    ax2.set_ylabel("|grad barrier| / |grad nll|\n(steps that split it)")
     ax2.set_xlabel("optimizer step")
     fig.tight_layout()
     return fig
@@ -129,6 +131,9 @@ def plot_trajectory(lines: list[dict], trait: str, coh_floor: float):
             ax.axhline(base[key], color="k", ls="--", lw=1, label="base")
         if baseline:
             ax.axhline(baseline[key], color="tab:green", ls=":", lw=1.5, label="prompting baseline")
+        null = _once(lines, "null")
+        if null:
+            ax.axhline(null[key], color="tab:gray", ls="-.", lw=1.2, label="null arm (heal on unsteered text)")
     if base:
         ax2.axhline(coh_floor * base["coherence"], color="r", lw=0.8, alpha=0.6, label=f"coh_floor {coh_floor} x base")
     ax1.set_ylabel(f"{trait}_nats")
@@ -142,16 +147,24 @@ def plot_trajectory(lines: list[dict], trait: str, coh_floor: float):
 
 
 def plot_pareto(lines: list[dict], trait: str, sign: int):
-    """Δtrait (toward the trait) vs Δcoherence against base, for every steered and healed point
-    and the prompting baseline: up-right of the origin is trait for free, down-right is paid for."""
+    """Left: Δtrait (toward the trait) vs Δcoherence against base, for every steered and healed
+    point, the prompting baseline and the null arm; up-right of the origin is trait for free,
+    down-right is paid for. With a null arm, each healed point also appears beyond it (hollow,
+    Δtrait minus the null's). Right: Δtrait vs the largest off-target move (raw filled, beyond the
+    null hollow); above the diagonal the shift is broad rather than the trait."""
+    from shl.params import FOUNDATIONS
     base = _once(lines, "base")
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, (ax, ax_off) = plt.subplots(1, 2, figsize=(11, 4.5))
     if base is None:
         return fig
     key = f"{trait}_nats"
+    null = _once(lines, "null")
+
+    def d(r, f=trait):
+        return r[f"{f}_nats"] - base[f"{f}_nats"]
 
     def xy(r):
-        return sign * (r[key] - base[key]), r["coherence"] - base["coherence"]
+        return sign * d(r), r["coherence"] - base["coherence"]
 
     for stage, marker in (("steered", "o"), ("healed", "s")):
         pts = _stage(lines, stage)
@@ -160,6 +173,15 @@ def plot_pareto(lines: list[dict], trait: str, sign: int):
             ax.scatter(x, y, marker=marker, label=stage, zorder=3)
             for r, xi, yi in zip(pts, x, y):
                 ax.annotate(f"r{r['round']}", (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    healed = _stage(lines, "healed")
+    if null and healed:
+        n = sign * d(null)
+        ax.scatter(*xy(null), marker="P", s=80, color="tab:gray", label="null arm", zorder=3)
+        for r in healed:
+            x, y = xy(r)
+            ax.plot([x, x - n], [y, y], color="tab:gray", lw=0.8, zorder=2)
+            ax.scatter([x - n], [y], marker="s", facecolors="none", edgecolors="tab:blue",
+                       zorder=3, label="healed beyond null" if r is healed[0] else None)
     baseline = _once(lines, "prompt_baseline")
     if baseline:
         ax.scatter(*xy(baseline), marker="*", s=120, color="tab:orange", label="prompting baseline", zorder=3)
@@ -169,6 +191,24 @@ def plot_pareto(lines: list[dict], trait: str, sign: int):
     ax.set_xlabel(f"Δtrait (nats toward the trait; {trait}_nats x {sign:+d})")
     ax.set_ylabel("Δcoherence")
     ax.legend(fontsize=8)
+
+    others = [f for f in FOUNDATIONS if f != trait]
+    for r in healed:
+        t = sign * d(r)
+        ax_off.scatter([t], [max(abs(d(r, f)) for f in others)], marker="s", color="tab:blue", zorder=3,
+                       label="healed, raw" if r is healed[0] else None)
+        ax_off.annotate(f"r{r['round']}", (t, max(abs(d(r, f)) for f in others)), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+        if null:
+            tb = t - sign * d(null)
+            ob = max(abs(d(r, f) - d(null, f)) for f in others)
+            ax_off.scatter([tb], [ob], marker="s", facecolors="none", edgecolors="tab:blue", zorder=3,
+                           label="healed, beyond null" if r is healed[0] else None)
+    lim = max([abs(x) for x in ax_off.get_xlim()] + list(ax_off.get_ylim()) + [0.1])
+    ax_off.plot([0, lim], [0, lim], "k--", lw=0.8, label="broad above this line")
+    ax_off.set_xlabel("Δtrait (nats toward the trait)")
+    ax_off.set_ylabel("largest off-target |Δnats|")
+    ax_off.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -201,6 +241,10 @@ def plot_plane(lines: list[dict]):
     if baseline:
         ax.scatter(baseline["care_nats"], baseline["authority_nats"], marker="*", s=120, color="tab:orange",
                    label="prompting baseline", zorder=3)
+    null = _once(lines, "null")
+    if null:
+        ax.scatter(null["care_nats"], null["authority_nats"], marker="P", s=80, color="tab:gray",
+                   label="null arm (heal on unsteered text)", zorder=3)
     ax.legend(fontsize=8)
     ax.set_xlabel("care_nats")
     ax.set_ylabel("authority_nats")

@@ -54,6 +54,7 @@ def day_night(run_dir: Path, rounds: list[dict]) -> str:
 
 
 ROUND_COLS = ["round", "kappa", "coeff", "kept", "generated", "steered_d_trait", "healed_d_trait",
+              "healed_d_trait_beyond_null",
               "steered_coherence", "healed_coherence", "healed_coh_ratio", "heal_train_nll", "heal_heldout_nll",
               "heal_final_D", "cos_v_v0", "cos_student_teacher", "seconds"]
 
@@ -71,6 +72,26 @@ def timing_table(lines: list[dict], rounds: list[dict]) -> str:
             f"Dominant stage: **{top}** ({totals[top] / rows[-1]['total']:.0%} of the rounds' time). "
             "Model loading and plotting are not counted.")
     return md_table(rows, ["round", *STAGES, "total"], digits=0) + "\n\n" + note
+
+
+def headline_text(head: dict) -> str:
+    """The headline paragraph and the list of every verdict that applies."""
+    text = (f"**Headline (round {head['round']} healed vs base):** Δtrait {head['d_trait']:+.3f} nats raw"
+            + (f", {head['d_trait_beyond_null']:+.3f} beyond the null arm (which moved {head['null_d_trait']:+.3f})"
+               if head["d_trait_beyond_null"] == head["d_trait_beyond_null"] else " (no null arm)")
+            + f", Δcoherence {head['d_coh']:+.3f} ({head['coherence']:.3f} vs {head['base_coherence']:.3f}, "
+            f"{head['coh_ratio']:.2f}x), cost {head['cost']:.3f} coherence per nat; the healed model keeps "
+            f"{head['keeps']:.0%} of the steered move. Largest off-target move: {head['off_target']} "
+            f"{head['off_target_move']:.3f} nats raw"
+            + (f", {head['off_target_beyond_null']} {head['off_target_beyond_null_move']:.3f} beyond the null"
+               if head["off_target_beyond_null"] else "")
+            + f". Prompting baseline: Δtrait {head['baseline_d_trait']:+.3f} at coherence "
+            f"{head['baseline_coherence']:.3f}.\n\n**Verdict: {head['verdict']}**")
+    if head["verdicts"]:
+        text += "\n\n" + "\n".join(f"- {w}" for w in head["why"].split("; "))
+    else:
+        text += f" ({head['why']})."
+    return text
 
 
 def _shown(path: Path) -> str:
@@ -112,16 +133,16 @@ def report(run_dir: Path, error: str = "") -> Path:
         status,
     ]
     if head:
-        parts.append(
-            f"**Headline (round {head['round']} healed vs base):** Δtrait {head['d_trait']:+.3f} nats, "
-            f"Δcoherence {head['d_coh']:+.3f} ({head['coherence']:.3f} vs {head['base_coherence']:.3f}), "
-            f"cost {head['cost']:.3f} coherence per nat. **Verdict: {head['verdict']}** ({head['why']}). "
-            f"Largest off-target move: {head['off_target']} {head['off_target_move']:.3f} nats.")
+        parts.append(headline_text(head))
+    null = next((r for r in lines if r["stage"] == "null"), None)
     if base and baseline:
+        once = [("base", base), ("prompt_baseline", baseline)] + ([("null arm", null)] if null else [])
         parts.append(md_table(
             [{"stage": s, trait: r[trait], "care_nats": r["care_nats"], "coherence": r["coherence"],
-              "d_trait": demo.trait_move(r[trait], base[trait]) + 0.0} for s, r in (("base", base), ("prompt_baseline", baseline))],
-            ["stage", trait, "care_nats", "coherence", "d_trait"]))
+              "d_trait": demo.trait_move(r[trait], base[trait]) + 0.0} for s, r in once],
+            ["stage", trait, "care_nats", "coherence", "d_trait"])
+            + ("\n\nThe null arm is the same heal on unsteered completions of round 0's prompts (same count, "
+               "filter and settings): what fine-tuning alone moves. Trait claims are read beyond it." if null else ""))
     if rounds:
         parts += ["### Rounds\n\nd_trait is signed toward the trait, in nats against base; coherence ratio against "
                   "base; cos_v_v0 = the re-extracted vector vs round 0's; cos_student_teacher = what the round's "

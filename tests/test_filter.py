@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from shl import filter as filt
-from shl import generate
+from shl import generate, history
+from shl.journal import REPO, read_jsonl
 from shl.models import chat_prompt
 from shl.params import load_params
 
@@ -126,7 +127,7 @@ def test_starved_walk_c_raises_with_the_table_written_first(tmp_path):
 
 def test_borderline_shows_kept_just_under_and_dropped_just_over():
     p = load_params("default", filter_ppl_tau=40.0)
-    recs = [{"tail_ppl": q, "rep": 0.1, "kept": q <= 40, "reasons": [] if q <= 40 else ["ppl"]}
+    recs = [{"tail_ppl": q, "rep": 0.1, "glued": 12, "kept": q <= 40, "reasons": [] if q <= 40 else ["ppl"]}
             for q in (5, 20, 35, 39, 41, 60, 900)]
     ppl = next(v for k, v in filt.borderline(recs, p).items() if k.startswith("tail"))
     assert [r["tail_ppl"] for r in ppl] == [39, 35, 41, 60]
@@ -148,3 +149,65 @@ def test_default_repetition_threshold_drops_a_period_four_loop_but_keeps_prose()
     p = load_params("default")
     loop = "With your love for the family " + "of the family " * 15
     assert filt.repetition(loop) > p.filter_rep_tau > filt.repetition(PROSE)
+
+
+FIRST_LOOP = REPO / "journal" / "2026-11-26_04_loop_smollm2-135m-instruct"
+
+
+def _fluent_committed() -> list[str]:
+    """Fluent text of the committed runs: the greedy demo answers of the first loop (base and
+    healed), the gate-1 sweep's unsteered and mildly steered answers, and gate 2's kept
+    completions from the gentlest dose."""
+    texts = [r["text"] for s in ("base", "r0", "r1") for r in read_jsonl(FIRST_LOOP / f"demos_{s}.jsonl")]
+    sweep = read_jsonl(REPO / "journal" / "2026-11-26_01_vector_smollm2-135m-instruct" / "samples_sweep.jsonl")
+    texts += [r["answer"] for r in sweep if 0 <= r["coeff"] <= 0.5]
+    gate2 = read_jsonl(REPO / "journal" / "2026-11-26_02_generate_filter_smollm2-135m-instruct" / "kept.jsonl")
+    return texts + [r["completion"] for r in gate2 if r["coeff"] == min(x["coeff"] for x in gate2)]
+
+
+def test_glued_word_soup_the_first_loop_kept_is_now_dropped():
+    """Round 2 of the first committed loop trained on glued-word soup ("Ialwayshikelemygowlion...")
+    that passed tail perplexity and repetition; every kept completion with a 25+ character run
+    without whitespace is now dropped for `glued`, and nothing else changes for them."""
+    p = load_params("default")
+    kept = [r for k in (0, 1, 2) for r in read_jsonl(FIRST_LOOP / f"generated_r{k}.jsonl") if r["kept"]]
+    soup = [dict(r) for r in kept if max(len(w) for w in r["completion"].split()) >= 25]
+    assert len(soup) >= 60  # 1, 8 and 54 in rounds 0, 1, 2
+    out = filt.filter_completions(soup, [r["tail_ppl"] for r in soup], p)
+    assert all("glued" in r["reasons"] and not r["kept"] for r in out)
+
+
+def test_fluent_committed_text_passes_the_text_checks():
+    """No false drops of fluent text: the demo answers, the unsteered sweep answer and the
+    gentlest kept completions all pass every text check (tail ppl set fine here)."""
+    p = load_params("default")
+    texts = _fluent_committed()
+    assert len(texts) >= 20
+    recs = [{"completion": t, "n_tokens": 40} for t in texts]
+    out = filt.filter_completions(recs, [3.0] * len(recs), p)
+    assert [r["reasons"] for r in out if r["reasons"]] == []
+    assert max(r["glued"] for r in out) <= 17
+
+
+def test_glued_run_ignores_urls_and_addresses():
+    assert filt.glued_run("See https://www.example.org/very/long/path/to/a/page or mail someone@example-company.org.") <= 4
+    assert filt.glued_run("I am verybelieveinthisproudofmallndiskew today") == len("verybelieveinthisproudofmallndiskew")
+
+
+@pytest.mark.parametrize("ref", ["base", "student"])
+def test_judge_reads_tail_ppl_with_the_filter_reference(tiny, ref):
+    """filter_ref=base judges with the adapters off (the student that learned the soup is not the
+    judge); student judges with the adapters as they are."""
+    import copy
+    from conftest import randomize_lora
+    model, tok = tiny
+    p = load_params("tiny", filter_ref=ref)
+    student = history.add_round_adapter(copy.deepcopy(model), p, 0)
+    randomize_lora(student, "r0", seed=1)
+    recs = [{"chat_prompt": chat_prompt(tok, "Hi"), "completion": " Hello there, how can I help you today?"}]
+    got = filt.judge(student, tok, [dict(r) for r in recs], p)[0]["tail_ppl"]
+    with history.adapters(student, [] if ref == "base" else ["r0"]):
+        want = filt.tail_ppl(student, tok, [recs[0]["chat_prompt"]], [recs[0]["completion"]], p.filter_tail_frac)[0]
+    with history.adapters(student, ["r0"] if ref == "base" else []):
+        other = filt.tail_ppl(student, tok, [recs[0]["chat_prompt"]], [recs[0]["completion"]], p.filter_tail_frac)[0]
+    assert got == pytest.approx(want, rel=1e-6) and got != pytest.approx(other, rel=1e-3)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from shl import heal, loop, report
+from shl import heal, loop, null, report
 from shl.journal import prepare_run_dir, read_metrics, resolve_run
 from shl.models import load_model
 from shl.params import FOUNDATIONS, ParamError, load_params
@@ -53,14 +53,40 @@ def test_a_run_leaves_the_contract_files_and_one_round_line_per_round(uninterrup
         assert (run / f"{name}.png").exists()
 
 
+def test_the_null_arm_runs_once_in_round_0_on_its_prompts_and_count(uninterrupted):
+    run, rounds = uninterrupted
+    lines = read_metrics(run)
+    assert [(r["stage"], r["round"]) for r in lines if r["stage"] in ("null", "null_heal")] == [("null_heal", 0), ("null", 0)]
+    nul = next(r for r in lines if r["stage"] == "null")
+    kept0 = [r for r in loop.read_jsonl(run / "generated_r0.jsonl") if r["kept"]]
+    null_kept = [r for r in loop.read_jsonl(run / "generated_null.jsonl") if r["kept"]]
+    assert nul["n_train"] == len(kept0) and sorted(r["prompt"] for r in null_kept) == sorted(r["prompt"] for r in kept0)
+    assert all(r["coeff"] == 0.0 for r in null_kept)  # steering off
+    assert (run / "adapters/null/adapter_config.json").exists()
+    for f in loop.NULL_FILES:
+        assert (run / f).exists(), f
+    assert rounds[1]["healed_d_trait_beyond_null"] == pytest.approx(rounds[1]["healed_d_trait"] - rounds[1]["null_d_trait"])
+    assert rounds[0]["seconds_null"] > 0 and rounds[1].get("seconds_null", 0.0) == 0.0
+
+
 def _die_in_heal(monkeypatch):
     real = heal.heal
 
-    def heal_that_dies_in_round_2(model, tok, records, p, round_idx, history, progress=True):
+    def heal_that_dies_in_round_2(model, tok, records, p, round_idx, history, progress=True, name=""):
         if round_idx == 1:
             raise KeyboardInterrupt("simulated kill in round 2")
-        return real(model, tok, records, p, round_idx, history, progress)
+        return real(model, tok, records, p, round_idx, history, progress, name)
     monkeypatch.setattr(heal, "heal", heal_that_dies_in_round_2)
+
+
+def _die_in_the_null_arm(monkeypatch):
+    real = loop.evaluate
+
+    def dies(model, tok, system=None, **kw):
+        if "null" in (getattr(model, "active_adapters", None) or []):
+            raise KeyboardInterrupt("simulated kill in the null arm's eval (round 0)")
+        return real(model, tok, system=system, **kw)
+    monkeypatch.setattr(null, "evaluate", dies)
 
 
 def _die_after_the_adapter_is_saved(monkeypatch):
@@ -83,8 +109,9 @@ def _die_in_the_prompting_baseline(monkeypatch):
     monkeypatch.setattr(loop, "evaluate", dies)
 
 
-@pytest.mark.parametrize("crash", [_die_in_heal, _die_after_the_adapter_is_saved, _die_in_the_prompting_baseline],
-                         ids=["in-heal", "after-adapter-saved", "in-once-per-run"])
+@pytest.mark.parametrize("crash", [_die_in_heal, _die_after_the_adapter_is_saved, _die_in_the_prompting_baseline,
+                                   _die_in_the_null_arm],
+                         ids=["in-heal", "after-adapter-saved", "in-once-per-run", "in-null-arm"])
 def test_resume_after_a_crash_gives_the_uninterrupted_run(uninterrupted, tmp_path, monkeypatch, crash):
     whole, whole_rounds = uninterrupted
     p = load_params("tiny")
@@ -214,21 +241,43 @@ def test_round_student_vector_reads_each_adapter_stack_once_across_rounds(tiny, 
         torch.testing.assert_close(v1.layers[l], fresh.layers[l])
 
 
-@pytest.mark.parametrize("healed, verdict", [
-    (_eval("healed", 0, 0.2, authority=-4.0), "broken"),  # coherence under 0.5 x 0.6
-    (_eval("healed", 0, 0.6, authority=-3.2), "undo"),  # keeps 0.2 of the steered 2.0
-    (_eval("healed", 0, 0.6, authority=-1.0), "undo"),  # moved against the trait
-    (_eval("healed", 0, 0.6, authority=-4.0, care=-0.5), "broad"),  # care moved 1.5 >= the trait's 1.0
-    (_eval("healed", 0, 0.55, authority=-4.0, care=-1.8), "pass"),
+@pytest.mark.parametrize("healed, verdicts", [
+    (_eval("healed", 0, 0.2, authority=-4.0), ["broken"]),  # coherence under 0.5 x 0.6
+    (_eval("healed", 0, 0.6, authority=-3.2), ["undo"]),  # keeps 0.2 of the steered 2.0
+    (_eval("healed", 0, 0.6, authority=-1.0), ["undo"]),  # moved against the trait
+    (_eval("healed", 0, 0.6, authority=-4.0, care=-0.5), ["broad"]),  # care moved 1.5 >= the trait's 1.0
+    (_eval("healed", 0, 0.6, authority=-3.2, care=-0.5), ["undo", "broad"]),  # both apply: both named
+    (_eval("healed", 0, 0.2, authority=-3.2, care=-0.5), ["broken", "undo", "broad"]),
+    (_eval("healed", 0, 0.55, authority=-4.0, care=-1.8), []),
 ])
-def test_headline_verdicts(healed, verdict):
+def test_headline_verdicts(healed, verdicts):
     lines = [_eval("base", -1, 0.6, authority=-3.0), _eval("steered", 0, 0.3, authority=-5.0), healed]
     head = loop.headline(lines, "authority", -1, 0.5)
-    assert head["verdict"] == verdict, head
+    assert head["verdicts"] == verdicts, head
+    assert head["verdict"] == (verdicts[0] if verdicts else "pass")
+    assert head["broad_basis"] == "raw (no null arm)"
     assert head["d_trait"] == pytest.approx(-(healed["authority_nats"] + 3.0))
     assert head["cost"] == pytest.approx(abs(healed["coherence"] - 0.6) / abs(head["d_trait"]))
     assert loop.headline(lines[:1], "authority", -1, 0.5) is None
     assert head["steered_d_trait"] == pytest.approx(2.0)
+
+
+def test_headline_reads_trait_and_broad_beyond_the_null_arm():
+    """Fine-tuning drift (the null arm) moved care -1.5 and authority -0.3: the healed model's care
+    move of -1.5 is all drift (not broad), and the trait beyond the null is 1.0 - 0.3 = 0.7."""
+    base = _eval("base", -1, 0.6, authority=-3.0)
+    steered = _eval("steered", 0, 0.3, authority=-5.0)
+    healed = _eval("healed", 0, 0.6, authority=-4.0, care=-3.5)
+    nul = _eval("null", 0, 0.62, authority=-3.3, care=-3.5)
+    raw = loop.headline([base, steered, healed], "authority", -1, 0.5)
+    head = loop.headline([base, steered, nul, healed], "authority", -1, 0.5)
+    assert raw["verdicts"] == ["broad"] and raw["off_target"] == "care"
+    assert head["verdicts"] == [] and head["broad_basis"] == "beyond null"
+    assert head["null_d_trait"] == pytest.approx(0.3) and head["d_trait_beyond_null"] == pytest.approx(0.7)
+    assert head["off_target_move"] == pytest.approx(1.5) and head["off_target_beyond_null_move"] == pytest.approx(0.0)
+    # a foundation the heal moved beyond the drift does count
+    healed2 = _eval("healed", 0, 0.6, authority=-4.0, care=-3.5, fairness=-1.0)
+    assert loop.headline([base, steered, nul, healed2], "authority", -1, 0.5)["verdicts"] == ["broad"]
 
 
 def test_headline_ignores_the_healed_eval_of_an_unfinished_round():

@@ -89,7 +89,9 @@ def test_03_heal_runs_under_papermill_on_tiny_with_the_ablation(tmp_path):
                  "adapters/r0/adapter_config.json", "adapters/r0/adapter_model.safetensors", "entry.md"):
         assert (run / name).exists(), name
     stages = [json.loads(line)["stage"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert stages == ["base", "prompt_baseline", "steered", "heal", "healed", "ablation_nll", "ablation_kl_rev"]
+    assert stages == ["base", "prompt_baseline", "steered", "heal", "healed", "filter", "null_heal", "null",
+                      "ablation_nll", "ablation_kl_rev"]
+    assert (run / "generated_null.jsonl").exists() and "beyond the null arm" in (run / "entry.md").read_text()
     heal_line = json.loads((run / "metrics.jsonl").read_text().splitlines()[3])
     assert {"train_nll", "heldout_nll", "final_D", "seconds"} <= set(heal_line)
     assert "Verdict (gate 3)" in (run / "entry.md").read_text()
