@@ -112,8 +112,21 @@ def adapters(model, names: list[str]):
 
 
 def freeze(model, names: list[str]):
-    if names:
-        model.set_requires_grad(list(names), requires_grad=False)
+    """Make adapters `names` frozen history: no gradient, and weights in the base layers' dtype.
+
+    peft keeps LoRA weights in float32 on a bfloat16 model (right for training); a frozen one
+    would make every adapted layer cast its input to float32 and its output back, which doubled
+    the eval's time on a bfloat16 CPU model. A float32 model is untouched."""
+    if not names:
+        return
+    model.set_requires_grad(list(names), requires_grad=False)
+    for m in model.modules():
+        if isinstance(m, LoraLayer):
+            dtype = m.get_base_layer().weight.dtype
+            for name in names:
+                if name in m.lora_A and m.lora_A[name].weight.dtype != dtype:
+                    m.lora_A[name].to(dtype)
+                    m.lora_B[name].to(dtype)
 
 
 def add_round_adapter(model, p, round_idx: int, name: str = "") -> PeftModel:

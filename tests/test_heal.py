@@ -406,3 +406,20 @@ def test_skipping_the_gradient_split_trains_the_same_adapter_and_logs_nan_norms(
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)  # summation order differs; Adam amplifies it
     assert all(math.isnan(s["grad_nll"]) and math.isnan(s["grad_barrier"]) for s in trained[False][1]["steps"])
     assert trained[True][1]["steps"][0]["grad_barrier"] > 0
+
+
+def test_frozen_adapters_take_a_bfloat16_models_dtype_and_reload_identically(tmp_path):
+    """On a bfloat16 model the trained adapter is frozen into bfloat16 (no float32 casts in every
+    adapted layer at inference); saved and loaded back it gives the same logits."""
+    from shl.models import load_model
+    model, tok = load_model("tiny-random", "bfloat16", "cpu")
+    p = load_params("tiny", dtype="bfloat16", lr=1e-2)
+    model, _ = H.heal(model, tok, _records(tok, 4), p, round_idx=0, history=[], progress=False)
+    assert {A.dtype for A, B, _ in HI.lora_pairs(model, "r0")} == {torch.bfloat16}
+    b = _batch(tok)
+    before = _logits(model, b)
+    HI.save_adapter(model, "r0", tmp_path / "r0")
+    fresh, _ = load_model("tiny-random", "bfloat16", "cpu")
+    fresh = HI.load_adapters(fresh, {"r0": tmp_path / "r0"})
+    assert {A.dtype for A, B, _ in HI.lora_pairs(fresh, "r0")} == {torch.bfloat16}
+    assert torch.equal(_logits(fresh, b), before)
