@@ -34,12 +34,14 @@ import itertools
 import json
 import os
 import re
+import shlex
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from submitit.helpers import Checkpointable
 
 from shl import index, plots, run
 from shl.demos import check_inputs
@@ -153,7 +155,7 @@ class Point:
 
     @property
     def label(self) -> str:
-        return " ".join(f"{k}={_short(v)}" for k, v in self.varying.items()) or self.run_dir.name
+        return _label(self.varying)
 
 
 def _short(v) -> str:
@@ -209,12 +211,6 @@ def finished(run_dir: Path, notebook: str) -> bool:
 
 # --- the job ----------------------------------------------------------------------------------
 
-try:
-    from submitit.helpers import Checkpointable
-except ImportError:  # pragma: no cover - submitit is a dependency; this keeps `--help` working without it
-    Checkpointable = object
-
-
 class RunPoint(Checkpointable):
     """One point, run in the job: validate, then papermill with the notebook's output streamed
     into the job's log. On a SLURM time-out or pre-emption submitit requeues the same call, and
@@ -248,8 +244,9 @@ def check_executor(opts: ExecutorOptions, launching: bool = True):
         raise ParamError(f"unknown executor '{opts.kind}': use one of {', '.join(EXECUTORS)}")
     if opts.parallel < 1:
         raise ParamError(f"--parallel {opts.parallel} must be >= 1")
-    if opts.kind == "local" and (opts.partition or opts.mem or opts.slurm):
-        raise ParamError("--partition, --mem and --slurm are SLURM options: add --executor slurm")
+    if opts.kind == "local" and (opts.partition or opts.gpus or opts.mem or opts.slurm):
+        raise ParamError("--partition, --gpus, --mem and --slurm are SLURM options: add --executor slurm "
+                         "(a local point gets one of this machine's GPUs by itself)")
     if opts.kind == "slurm":
         from submitit import SlurmExecutor
         unknown = sorted(set(opts.slurm) - SlurmExecutor._valid_parameters())
@@ -300,11 +297,11 @@ def make_executor(opts: ExecutorOptions, folder: Path, n_points: int):
     return ex
 
 
-def _local_gpu(ex, slot: int, gpus: list[str]):
-    """Local points each get one GPU (round robin), or none on a CPU machine. submitit's local
-    executor sets CUDA_VISIBLE_DEVICES to the GPUs it was given: with none, a job sees no GPU."""
-    if gpus:
-        ex.update_parameters(gpus_per_node=1, visible_gpus=(int(gpus[slot % len(gpus)]),))
+def gpu_setup(slot: int, gpus: list[str]) -> list[str]:
+    """Shell lines that give local point number `slot` one GPU (round robin over `gpus`); none on
+    a CPU machine. submitit's local executor sets CUDA_VISIBLE_DEVICES to the GPUs it was asked
+    for, so a job that asks for none would see no GPU and run on the CPU."""
+    return [f"export CUDA_VISIBLE_DEVICES={shlex.quote(gpus[slot % len(gpus)])}"] if gpus else []
 
 
 # --- the sweep folder -------------------------------------------------------------------------
@@ -320,7 +317,9 @@ def save_state(sweep_dir: Path, spec: dict, opts: ExecutorOptions, points: list[
                          "run_dir": _rel(pt.run_dir), **{k: v for k, v in pt.record.items()
                                                           if k not in ("label", "varying", "overrides", "run_dir")}}
                         for pt in points]}
-    _atomic_write(Path(sweep_dir) / STATE_FILE, json.dumps(state, indent=1, default=str) + "\n")
+    path, text = Path(sweep_dir) / STATE_FILE, json.dumps(state, indent=1, default=str) + "\n"
+    if not path.exists() or path.read_text() != text:  # the launcher saves on every poll
+        _atomic_write(path, text)
 
 
 def job_error(text: str) -> str:
@@ -397,15 +396,28 @@ def _attach_slurm(todo: list[Point], jobs_dir: Path, resubmit: bool, out) -> lis
     return attached
 
 
-def launch(spec: dict, points: list[Point], opts: ExecutorOptions, sweep_dir: Path, wait: bool = True,
-           resubmit: bool = False, out=print) -> list[Point]:
-    """Submit the unfinished points and (wait) follow them to the end. Returns the points."""
-    notebook = spec["notebook"]
+def _poll(w: _Watch, notebook: str, started: float, out) -> bool:
+    """Print the job's new progress lines and note its state; True once it has ended."""
+    for line in w.progress_lines():
+        out(f"[{w.pt.label}] {line}")
+    if not w.job.done():
+        if w.pt.record.get("state") == "submitted" and w.job.state == "RUNNING":  # a SLURM job started
+            w.pt.record["state"] = "running"
+        return False
+    for line in w.progress_lines():  # what it wrote between the two looks
+        out(f"[{w.pt.label}] {line}")
+    _finish(w.pt, w.job, notebook, started, w.last)
+    out(f"{w.pt.record['state']} {w.pt.label} after {w.pt.record['seconds']:.0f} s"
+        + (f": {w.pt.record['error']}" if w.pt.record["error"] else ""))
+    return True
+
+
+def _unfinished(points: list[Point], notebook: str, out) -> list[Point]:
+    """The points to run: not finished, and not still running from an earlier local launch."""
     todo = []
     for pt in points:
         if finished(pt.run_dir, notebook):
-            if pt.record.get("state") != "finished":
-                pt.record.update(state="finished", error="")
+            pt.record.update(state="finished", error="")
             out(f"skip {pt.label}: {_rel(pt.run_dir)} is finished")
         else:
             todo.append(pt)
@@ -414,6 +426,14 @@ def launch(spec: dict, points: list[Point], opts: ExecutorOptions, sweep_dir: Pa
     if busy:
         raise ParamError(f"point {busy[0].label} is still running as process {busy[0].record['job_id']} "
                          "from an earlier launch: wait for it or stop it")
+    return todo
+
+
+def launch(spec: dict, points: list[Point], opts: ExecutorOptions, sweep_dir: Path, wait: bool = True,
+           resubmit: bool = False, out=print) -> list[Point]:
+    """Submit the unfinished points and (wait) follow them to the end. Returns the points."""
+    notebook = spec["notebook"]
+    todo = _unfinished(points, notebook, out)
     jobs_dir = sweep_dir / "jobs"
     attached = _attach_slurm(todo, jobs_dir, resubmit, out) if opts.kind == "slurm" else []
     todo = [pt for pt in todo if all(pt is not a for a, _ in attached)]
@@ -456,7 +476,7 @@ def launch(spec: dict, points: list[Point], opts: ExecutorOptions, sweep_dir: Pa
         while todo or watches:
             while opts.kind == "local" and todo and len(watches) < opts.parallel:
                 pt = todo.pop(0)
-                _local_gpu(ex, slot, gpus)
+                ex.update_parameters(setup=gpu_setup(slot, gpus))
                 slot += 1
                 job = ex.submit(call, *args(pt))
                 submitted(pt, job)
@@ -465,20 +485,10 @@ def launch(spec: dict, points: list[Point], opts: ExecutorOptions, sweep_dir: Pa
                 save_state(sweep_dir, spec, opts, points)
             time.sleep(POLL_S)
             for w in list(watches):
-                for line in w.progress_lines():
-                    out(f"[{w.pt.label}] {line}")
-                if opts.kind == "slurm" and w.pt.record.get("state") == "submitted" and w.job.state == "RUNNING":
-                    w.pt.record["state"] = "running"
-                    save_state(sweep_dir, spec, opts, points)
-                if w.job.done():
-                    for line in w.progress_lines():
-                        out(f"[{w.pt.label}] {line}")
-                    _finish(w.pt, w.job, notebook, started[w.pt.label], w.last)
+                if _poll(w, notebook, started[w.pt.label], out):
                     watches.remove(w)
-                    out(f"{w.pt.record['state']} {w.pt.label} after {w.pt.record['seconds']:.0f} s"
-                        + (f": {w.pt.record['error']}" if w.pt.record["error"] else ""))
-                    save_state(sweep_dir, spec, opts, points)
                     write_table(sweep_dir, spec, points)
+                save_state(sweep_dir, spec, opts, points)
     except KeyboardInterrupt:
         for w in watches:
             w.pt.record.update(state="interrupted", error="the sweep was interrupted")

@@ -244,3 +244,18 @@ def test_a_killed_point_resumes_on_relaunch_and_no_point_runs_twice(tmp_path):
     assert len(rows) == 4 and all("| finished | 2 |" in r for r in rows)
     assert "| point | state | rounds done | seed | lam | d_trait | coh x base | cost | verdict | seconds | run |" in table
     assert (journal / "sweeps/tiny2x2/pareto.png").exists()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "sweeps").glob("*.yaml")), ids=lambda p: p.stem)
+def test_the_repos_sweep_specs_are_valid(path, tmp_path, monkeypatch):
+    monkeypatch.setattr("shl.journal.JOURNAL", tmp_path)  # plan names folders; it must make none
+    points = sweep.plan(sweep.read_spec(path))
+    assert points and len({p.run_dir for p in points}) == len(points)
+    assert not list(tmp_path.iterdir())
+
+
+def test_local_points_get_one_gpu_each_in_turn_and_none_on_a_cpu_machine():
+    assert sweep.gpu_setup(0, []) == []
+    gpus = ["2", "3"]  # e.g. CUDA_VISIBLE_DEVICES=2,3
+    assert [sweep.gpu_setup(k, gpus) for k in range(3)] == [
+        ["export CUDA_VISIBLE_DEVICES=2"], ["export CUDA_VISIBLE_DEVICES=3"], ["export CUDA_VISIBLE_DEVICES=2"]]
