@@ -52,7 +52,7 @@ def prepare(notebook: str | Path, preset: str, run_dir: str, overrides: dict) ->
     nb = find_notebook(notebook)
     for reserved in ("params", "run_dir"):
         if reserved in overrides:
-            raise ParamError(f"give {reserved} as --{reserved.replace('_', '-')}, not as an override")
+            raise ParamError(f"give {reserved} as --{reserved.replace('_', '-')}, not -p")
     _, folder = resolve_run(preset, run_dir, overrides, nb.stem)
     return nb, folder
 
