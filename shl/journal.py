@@ -124,11 +124,18 @@ def resolve_run(preset: str, run_dir: str, overrides: dict, notebook: str) -> tu
     check_inputs(p)
     if run_dir:
         return p, prepare_run_dir(Path(run_dir), p)
+    return p, prepare_run_dir(pick_run_dir(notebook, p, overrides), p)
+
+
+def pick_run_dir(notebook: str, p: Params, overrides: dict, taken: set = frozenset()) -> Path:
+    """The default run folder for these params, without creating it: `default_run_dir`, stepped
+    to `_2`, `_3`, ... past folders made with other params, folders that cannot be resumed and
+    the folders in `taken` (a sweep's other points)."""
     base = default_run_dir(notebook, p, overrides)
     candidate, i = base, 2
-    while _params_diff(candidate, p) or not _resumable(candidate):
+    while candidate in taken or _params_diff(candidate, p) or not _resumable(candidate):
         candidate, i = base.with_name(f"{base.name}_{i}"), i + 1
-    return p, prepare_run_dir(candidate, p)
+    return candidate
 
 
 def start_run(namespace: dict, notebook: str) -> tuple[Params, Path]:

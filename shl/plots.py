@@ -271,3 +271,36 @@ def plot_filter_rounds(lines: list[dict], target: float):
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     return fig
+
+
+# --- sweeps -------------------------------------------------------------------------------------
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both axes (more x and more y), by x."""
+    front = [i for i, (x, y) in enumerate(points)
+             if not any(x2 >= x and y2 >= y and (x2, y2) != (x, y) for x2, y2 in points)]
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def plot_sweep_pareto(marks: list[tuple[str, float, float, str]], title: str = "sweep"):
+    """One marker per sweep point: Δtrait (x) vs coherence / base coherence (y), the point's label
+    beside it, marker by verdict, the frontier (no other point has both more trait and more
+    coherence) drawn through its points."""
+    fig, ax = plt.subplots(figsize=(7, 5))
+    shapes = {"pass": "o", "broad": "D", "undo": "s", "broken": "x"}
+    for verdict in dict.fromkeys(str(m[3]) for m in marks):
+        pts = [m for m in marks if str(m[3]) == verdict]
+        ax.scatter([m[1] for m in pts], [m[2] for m in pts], marker=shapes.get(verdict, "^"), label=verdict, zorder=3)
+    for label, x, y, _ in marks:
+        ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    front = pareto_front([(m[1], m[2]) for m in marks])
+    ax.plot([marks[i][1] for i in front], [marks[i][2] for i in front], "-", color="grey", lw=1.2, zorder=2,
+            label="frontier")
+    ax.axvline(0, color="k", lw=0.5)
+    ax.axhline(1, color="k", lw=0.5)
+    ax.set_xlabel("Δtrait (nats toward the trait, last healed model vs base)")
+    ax.set_ylabel("coherence / base coherence")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

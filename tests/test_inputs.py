@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from shl.demos import load_contexts, load_demo
+from shl.demos import check_inputs, load_contexts, load_demo
 from shl.journal import resolve_run
 from shl.params import ParamError, load_params
 
@@ -56,3 +56,30 @@ def test_cli_prints_one_line_and_exits_nonzero_without_loading_a_model(tmp_path)
                           "--run-dir", str(tmp_path / "r"), "-p", "demo", "loyal"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode != 0
     assert out.stderr.strip().splitlines() == ["error: unknown demo 'loyal': use one of ['authority', 'love']"]
+
+
+def test_a_missing_local_model_folder_is_one_line_before_any_load(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "shl.run", "notebooks/01_vector.ipynb", "--params", "tiny",
+                          "--run-dir", str(tmp_path / "r"), "-p", "model", "/nonexistent/dir"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines() == [
+        "error: model folder /nonexistent/dir does not exist (a local model is a folder with config.json; "
+        "a hub id looks like org/name)"]
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("model, ok", [("HuggingFaceTB/SmolLM2-135M-Instruct", True), ("tiny-random", True),
+                                       ("./no/such/folder", False), ("/tmp", False)])
+def test_model_paths_are_checked_and_hub_ids_left_to_the_loader(model, ok):
+    p = load_params("tiny", model=model)
+    if ok:
+        check_inputs(p)
+    else:
+        with pytest.raises(ParamError, match=f"model folder {model}"):
+            check_inputs(p)
+
+
+def test_kept_from_must_be_a_finished_02_run(tmp_path):
+    with pytest.raises(ParamError, match="not a finished 02_generate_filter run folder"):
+        check_inputs(load_params("tiny", kept_from=str(tmp_path)))

@@ -99,8 +99,28 @@ def test_03_heal_runs_under_papermill_on_tiny_with_the_ablation(tmp_path):
 
 def test_04_loop_runs_two_rounds_under_papermill_on_tiny_and_writes_the_index(tmp_path):
     run = tmp_path / "journal" / "loop"
-    out = _run(["notebooks/04_loop.ipynb", "--params", "tiny", "--run-dir", str(run)], timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
+    # streamed: the round lines reach this process's stdout while the notebook still runs
+    proc = subprocess.Popen([sys.executable, "-m", "shl.run", "notebooks/04_loop.ipynb", "--params", "tiny",
+                             "--run-dir", str(run), "-p", "eval_n", "7"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    seen_live = []
+    try:
+        for line in proc.stdout:
+            if line.startswith("round 0:"):
+                seen_live.append(proc.poll() is None)
+        _, err = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert seen_live == [True], "no round line on stdout before the process ended"
+    assert "mfv eval" in err and "heal r1" in err  # the stage bars reach the terminal too
+    # no warnings in a normal run: the kernel's TCP note, tqdm's ipywidgets note, papermill's
+    # "unknown parameter" for a knob the notebook takes by name
+    assert not [x for x in err.splitlines() if "warn" in x.lower()], err[-3000:]
+    book = nbformat.read(run / "04_loop.ipynb", as_version=4)
+    printed = "".join(o.get("text", "") for c in book.cells if c.cell_type == "code" for o in c.outputs)
+    assert "round 0:" in printed and "round 1:" in printed  # the executed notebook keeps its outputs
     for name in ("params.yaml", "metrics.jsonl", "04_loop.ipynb", "entry.md", "trajectory.png", "pareto.png",
                  "plane.png", "filter_rounds.png", "demos_base.jsonl", "adapters/r1/adapter_config.json"):
         assert (run / name).exists(), name
