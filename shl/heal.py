@@ -16,13 +16,12 @@ total gradient is their sum (plus the spectral term's). That costs one extra bac
 micro-batch while the barrier fires; other steps run one backward of the total and log the
 norms as nan (`heal_grad_norms=False`: no step splits).
 
-Forward and backward run under `heal_dtype` autocast (bfloat16 by default: on a CPU with
-avx512_bf16 its matmuls are ~3x float32's); the LoRA weights and AdamW state stay float32.
+Forward and backward run in the model's dtype; the trained LoRA weights and AdamW state are
+float32 whatever it is (peft keeps them so), and the adapter is frozen into the model's dtype.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import warnings
@@ -195,13 +194,6 @@ def reference_names(p, history: list[str]) -> list[str]:
     return list(history) if p.barrier_ref == "prev" else []
 
 
-def compute_dtype(p):
-    """The autocast context of the heal's forward and backward passes (`heal_dtype`): bfloat16
-    matmuls on a float32 model, the LoRA weights and AdamW state stay float32."""
-    dev = "cuda" if torch.cuda.is_available() and p.device != "cpu" else "cpu"
-    return torch.autocast(dev, dtype=torch.bfloat16, enabled=p.heal_dtype == "bfloat16")
-
-
 def head_logprobs(model, states: torch.Tensor) -> torch.Tensor:
     """Log-probs [N, V] (float32) from final hidden states [N, H]: the LM head (and the logit
     soft-cap of models that have one), as the model's own forward applies them."""
@@ -213,7 +205,7 @@ def head_logprobs(model, states: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def batch_reference_states(model, batch: dict, ref_names: list[str], p, check: bool = False) -> torch.Tensor:
+def batch_reference_states(model, batch: dict, ref_names: list[str], check: bool = False) -> torch.Tensor:
     """The reference model's final hidden states [N, H] at the batch's completion positions, in the
     row order of `completion_logprobs`. `check`: verify that the LM head on them gives the model's
     own log-probs (a model that post-processes its logits some other way would fail here)."""
@@ -221,7 +213,7 @@ def batch_reference_states(model, batch: dict, ref_names: list[str], p, check: b
     head = unwrap(model).get_output_embeddings()
     handle = head.register_forward_pre_hook(lambda m, args: seen.__setitem__("h", args[0].detach()))
     try:
-        with adapters(model, ref_names), compute_dtype(p):
+        with adapters(model, ref_names):
             logp = completion_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
             h = seen["h"].reshape(-1, seen["h"].shape[-1])  # [N, H]
             if check:
@@ -235,7 +227,7 @@ def batch_reference_states(model, batch: dict, ref_names: list[str], p, check: b
     return h
 
 
-def reference_states(model, examples, ref_names: list[str], pad_id: int, batch_size: int, p) -> list[torch.Tensor]:
+def reference_states(model, examples, ref_names: list[str], pad_id: int, batch_size: int) -> list[torch.Tensor]:
     """Per training example, the reference's final hidden states at its completion positions
     [n_i, H], computed once before training.
 
@@ -245,7 +237,7 @@ def reference_states(model, examples, ref_names: list[str], pad_id: int, batch_s
     out = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
-        h = batch_reference_states(model, collate(chunk, pad_id, input_device(model)), ref_names, p, check=start == 0)
+        h = batch_reference_states(model, collate(chunk, pad_id, input_device(model)), ref_names, check=start == 0)
         out += list(h.split([len(c) for _, c in chunk]))
     return out
 
@@ -296,17 +288,15 @@ def measures_grads(p, step: int, total_steps: int) -> bool:
 
 
 @torch.no_grad()
-def heldout_nll(model, examples, pad_id: int, batch_size: int, p=None) -> float:
-    """Token-weighted mean NLL over completion tokens (nan when there is nothing held out), under
-    the heal's compute dtype when `p` is given."""
+def heldout_nll(model, examples, pad_id: int, batch_size: int) -> float:
+    """Token-weighted mean NLL over completion tokens (nan when there is nothing held out)."""
     total, count = 0.0, 0
-    with compute_dtype(p) if p is not None else contextlib.nullcontext():
-        for start in range(0, len(examples), batch_size):
-            batch = collate(examples[start:start + batch_size], pad_id, input_device(model))
-            logp = completion_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
-            targets = completion_targets(batch["input_ids"], batch["loss_mask"])
-            total -= logp.gather(-1, targets[:, None]).sum().item()
-            count += targets.numel()
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start:start + batch_size], pad_id, input_device(model))
+        logp = completion_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        targets = completion_targets(batch["input_ids"], batch["loss_mask"])
+        total -= logp.gather(-1, targets[:, None]).sum().item()
+        count += targets.numel()
     return total / count if count else math.nan
 
 
@@ -362,7 +352,7 @@ def heal(model, tok, records: list[dict], p, round_idx: int, history: list[str],
     steps, epochs = [], []
     bar = tqdm(total=total_steps, desc=f"heal {name}", disable=not progress, leave=False)
     try:
-        ref = (reference_states(model, train_ex, reference_names(p, history), pad_id, p.train_batch_size, p)
+        ref = (reference_states(model, train_ex, reference_names(p, history), pad_id, p.train_batch_size)
                if p.reg != "nll" else None)
         model.train()
         step = 0
@@ -377,9 +367,8 @@ def heal(model, tok, records: list[dict], p, round_idx: int, history: list[str],
                 nlls, Ds, spec, fired = [], [], 0.0, False
                 for idx in group:
                     batch = collate([train_ex[i] for i in idx], pad_id, dev)
-                    with compute_dtype(p):
-                        t = heal_loss(model, batch, p, round_idx, name,
-                                      torch.cat([ref[i] for i in idx]) if ref is not None else None)
+                    t = heal_loss(model, batch, p, round_idx, name,
+                                  torch.cat([ref[i] for i in idx]) if ref is not None else None)
                     nll, D = t["nll"].item(), t["D"].item()
                     if not (math.isfinite(nll) and math.isfinite(D) and torch.isfinite(t["total"])):
                         raise _non_finite(step, nll, D)
@@ -419,7 +408,7 @@ def heal(model, tok, records: list[dict], p, round_idx: int, history: list[str],
                 bar.update(1)
                 bar.set_postfix(nll=f"{steps[-1]['nll']:.3f}", D=f"{steps[-1]['D']:.3f}")
                 step += 1
-            held = heldout_nll(model, held_ex, pad_id, p.train_batch_size, p)
+            held = heldout_nll(model, held_ex, pad_id, p.train_batch_size)
             if held_ex and not math.isfinite(held):
                 raise RuntimeError(f"non-finite held-out NLL after epoch {epoch}: {held}; lower lr or check the data")
             ep_steps = [x for x in steps if x["epoch"] == epoch]
