@@ -1,11 +1,15 @@
-"""Benchmark one heal optimizer step: reg=nll vs reg=kl_rev, and masked vs full-vocab log_softmax.
+"""Benchmark the heal: seconds per optimizer step of reg=nll vs reg=kl_rev, and the memory of
+masked vs full-vocab log_softmax.
 
-    .venv/bin/python benchmarks/bench_heal.py [--steps 6] [--batch 4] [--tokens 80]
+    .venv/bin/python benchmarks/bench_heal.py [--records 48] [--batch 4] [--tokens 80]
 
-Same model (the embedded SmolLM2), same batch of prompt + completion sequences, LoRA r16 on the
-default heal band. Time per optimizer step (median of --steps after one warm-up) for both regs
-in this process; peak memory per variant measured in a fresh subprocess each (peak RSS over the
-RSS sampled every millisecond, over the RSS after set-up, so both carry the same weights). Nothing gates on these numbers.
+Same model (the embedded SmolLM2 on the default preset), same completions (prompt-pool prompts +
+random-token completions), LoRA r16 on the default heal band. A whole `heal.heal` per variant,
+one after the other in this process: nll; kl_rev with tau 0 (the barrier fires on every step)
+with the gradient split as configured (every heal_grad_every-th step), on every step, and never.
+Peak memory per variant in a fresh subprocess each (peak RSS over the RSS sampled every
+millisecond, over the RSS after set-up, so both carry the same weights). Nothing gates on these
+numbers.
 """
 
 import argparse
@@ -52,7 +56,7 @@ def setup(batch, tokens, **overrides):
     from shl.params import load_params
 
     p = load_params("default", **overrides)
-    model, tok = load_model(p.model, "float32", "cpu")
+    model, tok = load_model(p.model, p.dtype, "cpu")
     demo = load_demo(p)
     g = torch.Generator().manual_seed(0)
     records = []
@@ -68,30 +72,32 @@ def setup(batch, tokens, **overrides):
 
 
 def one_step(p, model, batch):
-    """What heal() does per micro-batch: the loss terms, a gradient per term (or one of the total
-    with heal_grad_norms=False), the summed update."""
-    from shl import heal, history
-    params = [w for A, B, _ in history.lora_pairs(model, "r0") for w in (A, B)]
-    t = heal.heal_loss(model, batch, p, 0, [], "r0")
-    if p.heal_grad_norms:
-        terms = [t["nll"], t["spectral"]] + ([t["barrier"]] if t["barrier"].item() > 0 else [])
-    else:
-        terms = [t["total"]]
-    grads = [heal._grads(term, params, 1) for term in terms]
-    for q, *gs in zip(params, *grads):
-        q.grad = sum(gs)
+    """One micro-batch's loss and gradient of the total (the memory probe; `heal_seconds` times
+    the real training loop)."""
+    from shl import heal
+    ref = heal.batch_reference_states(model, batch, []) if p.reg != "nll" else None
+    t = heal.heal_loss(model, batch, p, 0, "r0", ref)
+    t["total"].backward()
     return t["D"].item()
 
 
-def time_steps(reg, batch, tokens, steps, norms=True):
-    p, model, b = setup(batch, tokens, reg=reg, tau=0.0, heal_grad_norms=norms)
-    one_step(p, model, b)  # warm-up
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        one_step(p, model, b)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def heal_seconds(reg, batch, tokens, records_n, **overrides):
+    """Seconds per optimizer step of a whole `heal.heal` (the reference states it computes first
+    included) on `records_n` completions, and the step count."""
+    import torch
+    from shl import heal
+    from shl.demos import load_demo
+    from shl.models import chat_prompt, load_model
+    from shl.params import load_params
+    p = load_params("default", reg=reg, train_batch_size=batch, **overrides)
+    model, tok = load_model(p.model, p.dtype, "cpu")
+    demo = load_demo(p)
+    g = torch.Generator().manual_seed(0)
+    records = [{"chat_prompt": chat_prompt(tok, demo.prompt_pool[i % len(demo.prompt_pool)]),
+                "completion": tok.decode(torch.randint(200, 20000, (tokens,), generator=g).tolist())}
+               for i in range(records_n)]
+    _, log = heal.heal(model, tok, records, p, round_idx=0, history=[], progress=False)
+    return log["seconds"] / len(log["steps"]), len(log["steps"])
 
 
 def child(kind, batch, tokens):
@@ -120,19 +126,23 @@ def work(kind, p, model, b):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--records", type=int, default=48, help="training completions (default: n_keep)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=80)
     ap.add_argument("--child", default="")
     args = ap.parse_args()
     if args.child:
         return child(args.child, args.batch, args.tokens)
-    t_nll = time_steps("nll", args.batch, args.tokens, args.steps)
-    t_kl = time_steps("kl_rev", args.batch, args.tokens, args.steps)
-    t_kl1 = time_steps("kl_rev", args.batch, args.tokens, args.steps, norms=False)
-    print(f"step time (batch {args.batch} x ~{args.tokens} completion tokens): reg=nll {t_nll:.3f}s, "
-          f"reg=kl_rev {t_kl:.3f}s (overhead {t_kl / t_nll:.2f}x) with the per-term gradient norms, "
-          f"{t_kl1:.3f}s (overhead {t_kl1 / t_nll:.2f}x) with heal_grad_norms=False")
+    n = args.records
+    t_nll, steps = heal_seconds("nll", args.batch, args.tokens, n)
+    t_kl, _ = heal_seconds("kl_rev", args.batch, args.tokens, n, tau=0.0)
+    t_kl_every, _ = heal_seconds("kl_rev", args.batch, args.tokens, n, tau=0.0, heal_grad_every=1)
+    t_kl_off, _ = heal_seconds("kl_rev", args.batch, args.tokens, n, tau=0.0, heal_grad_norms=False)
+    print(f"heal, {n} completions of {args.tokens} tokens, micro-batch {args.batch}, {steps} optimizer steps; "
+          f"seconds per step: reg=nll {t_nll:.2f}; reg=kl_rev (barrier firing every step) {t_kl:.2f} "
+          f"({t_kl / t_nll:.2f}x nll) with the gradient split on every heal_grad_every-th step (default), "
+          f"{t_kl_every:.2f} ({t_kl_every / t_nll:.2f}x) split on every step, "
+          f"{t_kl_off:.2f} ({t_kl_off / t_nll:.2f}x) never split")
     mem = {}
     for kind in ("nll", "kl_rev", "masked", "full"):
         out = subprocess.run([sys.executable, __file__, "--child", kind, "--batch", str(args.batch),
