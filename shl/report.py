@@ -8,6 +8,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 from shl import plots
+from shl.selectivity import round_selectivity
 from shl.demos import load_demo
 from shl.journal import REPO, completed_rounds, md_cell, md_table, read_jsonl, read_metrics, write_entry
 from shl.loop import STAGES, headline
@@ -58,6 +59,10 @@ ROUND_COLS = ["round", "kappa", "coeff", "kept", "generated", "steered_d_trait",
               "heal_final_D", "cos_v_v0", "cos_student_teacher", "seconds"]
 
 
+SEL_COLS = ["round", "steered_on", "steered_off", "steered_selectivity", "healed_on", "healed_off",
+            "healed_selectivity", "healed_sel_lo", "healed_sel_hi"]
+
+
 def timing_table(lines: list[dict], rounds: list[dict]) -> str:
     once = sum(r.get("seconds", 0.0) for r in lines if r.get("stage") in ("base", "prompt_baseline"))
     rows = [dict({"round": r["round"]}, **{s: r.get(f"seconds_{s}", 0.0) for s in STAGES}, total=r["seconds"])
@@ -89,6 +94,10 @@ def report(run_dir: Path, error: str = "") -> Path:
     trait = f"{demo.trait_foundation}_nats"
     make_plots(run_dir, lines, p, demo)
     head = headline(lines, demo.trait_foundation, demo.trait_sign, p.coh_floor)
+    sel_rows = [dict(round=r["round"], **round_selectivity(run_dir, demo.trait_foundation, demo.trait_sign, r["round"], p.seed))
+                for r in rounds]
+    if head:
+        head.update(next(x for x in sel_rows if x["round"] == head["round"]))
     base = next((r for r in lines if r["stage"] == "base"), None)
     baseline = next((r for r in lines if r["stage"] == "prompt_baseline"), None)
 
@@ -116,7 +125,11 @@ def report(run_dir: Path, error: str = "") -> Path:
             f"**Headline (round {head['round']} healed vs base):** Δtrait {head['d_trait']:+.3f} nats, "
             f"Δcoherence {head['d_coh']:+.3f} ({head['coherence']:.3f} vs {head['base_coherence']:.3f}), "
             f"cost {head['cost']:.3f} coherence per nat. **Verdict: {head['verdict']}** ({head['why']}). "
-            f"Largest off-target move: {head['off_target']} {head['off_target_move']:.3f} nats.")
+            f"Largest off-target move: {head['off_target']} {head['off_target_move']:.3f} nats. "
+            f"On centred log-probs against base (see `shl.selectivity`): healed on {head['healed_on']:+.3f}, "
+            f"off {head['healed_off']:.3f}, selectivity {head['healed_selectivity']:+.3f} "
+            f"[{head['healed_sel_lo']:+.3f}, {head['healed_sel_hi']:+.3f}]; the steered model it learned from: on "
+            f"{head['steered_on']:+.3f}, off {head['steered_off']:.3f}, selectivity {head['steered_selectivity']:+.3f}.")
     if base and baseline:
         parts.append(md_table(
             [{"stage": s, trait: r[trait], "care_nats": r["care_nats"], "coherence": r["coherence"],
@@ -126,7 +139,11 @@ def report(run_dir: Path, error: str = "") -> Path:
         parts += ["### Rounds\n\nd_trait is signed toward the trait, in nats against base; coherence ratio against "
                   "base; cos_v_v0 = the re-extracted vector vs round 0's; cos_student_teacher = what the round's "
                   "adapter moved (adapter on vs off, neutral prompt) vs the vector it learned from.\n\n"
-                  + md_table(rounds, ROUND_COLS)]
+                  + md_table(rounds, ROUND_COLS),
+                  "### Selectivity per round\n\nOn centred log-probs (each answer's log-prob minus the mean over the "
+                  "seven), each model against base: on = the trait's mean move toward the trait, off = the mean |move| "
+                  "of the other six foundations (care included), selectivity = on − 0.1 off, with a 95% row bootstrap "
+                  "interval.\n\n" + md_table(sel_rows, SEL_COLS)]
     parts += ["### Plots\n\n" + "\n".join(f"![{n}]({n}.png)" for n in PLOTS),
               "### Day and night\n\n" + day_night(run_dir, rounds),
               "### Wall time (s)\n\n" + timing_table(lines, rounds)]

@@ -56,3 +56,21 @@ def test_cli_prints_one_line_and_exits_nonzero_without_loading_a_model(tmp_path)
                           "--run-dir", str(tmp_path / "r"), "-p", "demo", "loyal"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode != 0
     assert out.stderr.strip().splitlines() == ["error: unknown demo 'loyal': use one of ['authority', 'love']"]
+
+
+def test_the_authority_demo_names_care_as_its_companion_and_an_overridden_pair_has_none():
+    assert load_demo(load_params("tiny")).companions == {"care": 1}
+    assert load_demo(load_params("tiny", demo="love")).companions == {}
+    assert load_demo(load_params("tiny", trait_foundation="fairness")).companions == {}
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("select_kl_budgets", [], "non-empty list of positive nats"),
+    ("select_kl_budgets", [0.5, -1], "non-empty list of positive nats"),
+    ("select_methods", ["pca", "svd"], "distinct methods of"),
+    ("select_methods", ["pca", "pca"], "distinct methods of"),
+    ("steer_method", "svd", "is not one of"),
+])
+def test_bad_method_comparison_params_are_refused(key, value, message):
+    with pytest.raises(ParamError, match=message):
+        load_params("tiny", **{key: value})
