@@ -184,12 +184,20 @@ for s in SAMPLES:
 # %%
 SEL = selectivity.compare_methods(model, tok, P, DEMO, CONTEXTS, LAYERS, calib_prompts, RUN, BASE,
                                   vectors={P.steer_method: vec})
-SEL_COLS = ["method", "kl_budget", "coeff", "on", "off", "selectivity", "selectivity_lo", "selectivity_hi",
-            "d_sel", "d_sel_lo", "d_sel_hi", *[f"{f}_move" for f in DEMO.companions],
-            *(["sel_companions"] if DEMO.companions else []), "trait_move_pos", "trait_move_neg", "coh_pos", "coh_neg",
-            "kl_p95_neg"]
-SEL_COLS = [c for c in SEL_COLS if c in SEL[0]]
-pd.DataFrame(SEL)[SEL_COLS].round(3)
+
+
+def interval(r, key):
+    return f"[{r[key + '_lo']:+.3f}, {r[key + '_hi']:+.3f}]"
+
+
+SEL_MD = [{"method": r["method"], "p95 KL": r["kl_budget"], "coeff": r["coeff"], "on": r["on"], "off": r["off"],
+           "selectivity": r["selectivity"], "95% interval": interval(r, "selectivity"),
+           **({"d_sel vs mean_diff": f"{r['d_sel']:+.3f} {interval(r, 'd_sel')}"} if "d_sel" in r else {}),
+           **{f"{f}_move": r[f"{f}_move"] for f in DEMO.companions},
+           **({"sel_companions": r["sel_companions"]} if "sel_companions" in r else {}),
+           "trait move +/-": f"{r['trait_move_pos']:+.3f} / {r['trait_move_neg']:+.3f}",
+           "coh +/- (x base)": f"{r['coh_pos']:.2f} / {r['coh_neg']:.2f}"} for r in SEL]
+pd.DataFrame(SEL_MD).round(3)
 
 # %%
 fig = plots.plot_selectivity(SEL, DEMO.trait_move(BASELINE[TRAIT], BASE[TRAIT]),
@@ -212,19 +220,6 @@ winners = [m for m in P.select_methods if m != "mean_diff" and "d_sel" in SEL[0]
 METHOD_VERDICT = (f"{', '.join(winners)} beat mean_diff at every budget (paired 95% interval of d_sel above 0)"
                   if winners else "no method beats mean_diff at every budget with its paired interval above 0: mean_diff stays")
 print(METHOD_VERDICT)
-
-
-def interval(r, key):
-    return f"[{r[key + '_lo']:+.3f}, {r[key + '_hi']:+.3f}]"
-
-
-SEL_MD = [{"method": r["method"], "p95 KL": r["kl_budget"], "coeff": r["coeff"], "on": r["on"], "off": r["off"],
-           "selectivity": r["selectivity"], "95% interval": interval(r, "selectivity"),
-           **({"d_sel vs mean_diff": f"{r['d_sel']:+.3f} {interval(r, 'd_sel')}"} if "d_sel" in r else {}),
-           **{f"{f}_move": r[f"{f}_move"] for f in DEMO.companions},
-           **({"sel_companions": r["sel_companions"]} if "sel_companions" in r else {}),
-           "trait move +/-": f"{r['trait_move_pos']:+.3f} / {r['trait_move_neg']:+.3f}",
-           "coh +/- (x base)": f"{r['coh_pos']:.2f} / {r['coh_neg']:.2f}"} for r in SEL]
 
 # %% [markdown]
 # ## Verdict
