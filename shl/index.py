@@ -24,8 +24,8 @@ from matplotlib.ticker import MaxNLocator
 from shl.demos import load_demo
 from shl.journal import JOURNAL, METRICS_FILE, PARAMS_FILE, REPO, _atomic_write, completed_rounds, md_cell, md_table
 from shl.loop import headline
-from shl.selectivity import round_selectivity
 from shl.params import FIELDS, ParamError, Params, load_params
+from shl.selectivity import round_selectivity
 
 INDEX_FILE, OVERLAY_FILE = "index.md", "index_overlay.png"
 HEADLINE_KEYS = ("d_trait", "d_coh", "cost", "verdict")
@@ -201,8 +201,9 @@ def render(rows: list[dict]) -> str:
             "One row per run folder (regenerate with `python -m shl.index`). `rounds done`: finished loop rounds; "
             "the parameter columns are those that differ between runs. d_trait: the last healed model's move "
             "toward the run's trait vs base (nats); d_coh: its coherence change; cost = |d_coh| / |d_trait|; "
-            "verdict: see `shl.loop.headline`. on, off, sel: the same healed model against base on centred log-probs "
-            "(the trait's move, the mean |move| of the other foundations, on − 0.1 off; `shl.selectivity`).\n\n" + md_table(table_rows, cols) + "\n")
+            "verdict: see `shl.loop.headline`. on, off, sel: the same healed model against base on centred "
+            "log-probs (the trait's move, the mean |move| of the other foundations, on − 0.1 off; "
+            "`shl.selectivity`).\n\n" + md_table(table_rows, cols) + "\n")
     problems = [r for r in rows if r["status"] != "ok"]
     if problems:
         text += "\n## Problems\n\n" + "".join(f"- `{r['run']}`: {r['status']}\n" for r in problems)

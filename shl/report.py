@@ -8,11 +8,11 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 from shl import plots
-from shl.selectivity import round_selectivity
 from shl.demos import load_demo
 from shl.journal import REPO, completed_rounds, md_cell, md_table, read_jsonl, read_metrics, write_entry
 from shl.loop import STAGES, headline
 from shl.params import load_params
+from shl.selectivity import round_selectivity
 
 PLOTS = ("trajectory", "pareto", "plane", "filter_rounds")
 
@@ -94,10 +94,10 @@ def report(run_dir: Path, error: str = "") -> Path:
     trait = f"{demo.trait_foundation}_nats"
     make_plots(run_dir, lines, p, demo)
     head = headline(lines, demo.trait_foundation, demo.trait_sign, p.coh_floor)
-    sel_rows = [dict(round=r["round"], **round_selectivity(run_dir, demo.trait_foundation, demo.trait_sign, r["round"], p.seed))
-                for r in rounds]
-    if head:
-        head.update(next(x for x in sel_rows if x["round"] == head["round"]))
+    sel_rows = [dict(round=r["round"], **round_selectivity(run_dir, demo.trait_foundation, demo.trait_sign,
+                                                           r["round"], p.seed)) for r in rounds]
+    if head:  # new keys beside the raw nats (the headline's round may not be finished: a crashed run)
+        head.update(round_selectivity(run_dir, demo.trait_foundation, demo.trait_sign, head["round"], p.seed))
     base = next((r for r in lines if r["stage"] == "base"), None)
     baseline = next((r for r in lines if r["stage"] == "prompt_baseline"), None)
 
