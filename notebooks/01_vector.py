@@ -146,13 +146,16 @@ for s in SAMPLES:
 # A raw coefficient is not a fair dose across methods: at the same norm one direction may move the
 # logits far more than another. So each method in `select_methods` is calibrated to the same p95
 # per-token KL(steered‖unsteered) on the demo prompts (and 8 contexts), at every budget of
-# `select_kl_budgets`. Then the eval runs at +coeff and at −coeff. Per vignette, the centred
-# log-probs (each answer's log-prob minus the mean over the seven) change from −coeff to +coeff by
-# Δ_f. **on** is the trait foundation's mean Δ, signed toward the trait. **off** is the mean
-# |mean Δ| over the other six foundations. **selectivity** = on − 0.1 off (steering-lite's score).
-# Intervals are 95% row bootstraps over the vignettes. `d_sel` is selectivity minus mean_diff's,
-# with its interval paired over the same resampled vignettes. All figures use every vignette of the
-# eval (`eval_n`); nothing is tuned on a subset.
+# `select_kl_budgets`. Then the eval runs at +coeff and at −coeff. Per vignette, Δ_f is half the
+# change of the centred log-probs (each answer's log-prob minus the mean over the seven) from
+# −coeff to +coeff: the mean of the two signs' moves against base, on the scale of the loop's
+# healed-vs-base figures. **on** is the trait foundation's mean Δ, signed toward the trait. **off** is
+# the mean |mean Δ| over the other six foundations. **selectivity** = on − 0.1 off (steering-lite's
+# score). Intervals are 95% row bootstraps over the vignettes. `d_sel` is selectivity minus
+# mean_diff's, with its interval paired over the same resampled vignettes. An interval covers the
+# sample of vignettes only: not the sample of extraction contexts, nor how well 12 calibration
+# prompts match the doses. All figures use every vignette of the eval (`eval_n`); nothing is tuned
+# on a subset.
 #
 # **The care companion.** The authority pair's pos prompt puts people's wellbeing over orders, so
 # care going up is part of what the pair says. steering-lite counts Authority-down *and* Care-up as
@@ -194,7 +197,7 @@ SEL_MD = [{"method": r["method"], "p95 KL": r["kl_budget"], "coeff": r["coeff"],
            "selectivity": r["selectivity"], "95% interval": interval(r, "selectivity"),
            **({"d_sel vs mean_diff": f"{r['d_sel']:+.3f} {interval(r, 'd_sel')}"} if "d_sel" in r else {}),
            **{f"{f}_move": r[f"{f}_move"] for f in DEMO.companions},
-           **({"sel_companions": r["sel_companions"]} if "sel_companions" in r else {}),
+           **({"sel_companions": f"{r['sel_companions']:+.3f} {interval(r, 'sel_companions')}"} if "sel_companions" in r else {}),
            "trait move +/-": f"{r['trait_move_pos']:+.3f} / {r['trait_move_neg']:+.3f}",
            "coh +/- (x base)": f"{r['coh_pos']:.2f} / {r['coh_neg']:.2f}"} for r in SEL]
 pd.DataFrame(SEL_MD).round(3)
@@ -266,7 +269,7 @@ body = "\n\n".join([
     "![sweep](sweep.png)\n\n![profile](profile_base.png)",
     f"### Steering methods at a matched dose (steer_method: `{P.steer_method}`)\n\n"
     "Each method calibrated to the p95 KL budget, eval at +coeff and −coeff; on, off and selectivity = on − 0.1 off "
-    "on centred log-probs (+coeff vs −coeff), the trait alone on, care and the rest off; 95% intervals: row "
+    "on centred log-probs (half the change from −coeff to +coeff), the trait alone on, care and the rest off; 95% intervals: row "
     "bootstrap over the vignettes; d_sel: vs mean_diff, paired; trait move: raw nats toward the trait vs base; coh: coherence / base, "
     "each at +coeff and −coeff.\n\n"
     + shl.journal.md_table(SEL_MD, list(SEL_MD[0])) + f"\n\n**Methods:** {METHOD_VERDICT}.\n\n![selectivity](selectivity.png)",

@@ -257,7 +257,7 @@ def plot_selectivity(lines: list[dict], baseline_move: float | None = None, base
             ax2.scatter(xs[0], ys[0], marker="os^Dv"[j % 5], facecolors="none", edgecolors=colors[m], zorder=3)
     ax1.axhline(0, color="k", lw=0.5)
     ax1.set_xticks(range(len(methods)), methods)
-    ax1.set_ylabel("selectivity (+coeff vs -coeff, centred log-probs)")
+    ax1.set_ylabel("selectivity (half of -coeff -> +coeff, centred log-probs)")
     ax1.set_title("selectivity = on - 0.1 off, 95% row bootstrap")
     ax1.legend([Line2D([], [], marker="os^Dv"[j % 5], color="grey", ls="") for j in range(len(budgets))],
                [f"p95 KL {b:g}" for b in budgets], fontsize=8)
@@ -269,6 +269,6 @@ def plot_selectivity(lines: list[dict], baseline_move: float | None = None, base
     ax2.set_xlabel("trait move vs base (nats toward the trait)")
     ax2.set_ylabel("coherence / base coherence")
     ax2.set_title("filled: +coeff, open: -coeff")
-    ax2.legend(fontsize=7)
+    ax2.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     return fig

@@ -3,8 +3,10 @@
 It is read on centred log-probs: per vignette, each answer's log-prob minus the mean over the
 seven answers, c_f = log p_f - mean_g log p_g. Centring cancels what moves every answer alike
 (the answer mass lost to incoherence, say). A change A -> B gives per vignette
-delta_f = c_f(B) - c_f(A). A is the -coeff steered model and B the +coeff one in 01; A is base and
-B the healed model in the loop. Then
+delta_f = c_f(B) - c_f(A). In the loop, A is base and B the healed (or steered) model. In 01 the
+change is half the way from the -coeff to the +coeff steered model, (c_f(+) - c_f(-)) / 2: the mean
+of the two signs' moves against base, on the same scale as a one-sided change like healed vs base.
+Then
 
     on  = mean over vignettes and the `on` foundations of sign_f * delta_f   (intended movement)
     off = mean over the other foundations of |mean over vignettes of delta_f| (unintended movement)
@@ -124,7 +126,7 @@ def compare_methods(model, tok, p, demo, contexts: list[str], layers: list[int],
     Per method, the vector is extracted once (or taken from `vectors`) and saved as
     `vector_<method>.pt`. Per budget, `steer.calibrate` finds the coefficient c whose p95 KL on
     `calib_prompts` is the budget. The eval runs at +c and -c: a `method` metrics line each, with
-    rows in evals/method_<method>_kl<budget>_<pos|neg>.jsonl. The +c vs -c change is scored
+    rows in evals/method_<method>_kl<budget>_<pos|neg>.jsonl. Half the -c -> +c change is scored
     (trait alone on; care and the rest off), with the intervals and the paired difference to
     mean_diff. So is the same change with the demo's companions counted as intended, as
     steering-lite counts them. One `selectivity` line per method and budget. Returns those lines."""
@@ -157,7 +159,8 @@ def compare_methods(model, tok, p, demo, contexts: list[str], layers: list[int],
     strict_on = {demo.trait_foundation: demo.trait_sign}
     out = []
     for b in p.select_kl_budgets:
-        deltas = {m: delta(evals[m, b, -1][1], evals[m, b, 1][1]) for m in p.select_methods}
+        # half the -c -> +c change: the mean of the two signs' moves against base
+        deltas = {m: delta(evals[m, b, -1][1], evals[m, b, 1][1]) / 2 for m in p.select_methods}
         strict = selectivity(deltas, strict_on, ref=ref, seed=p.seed)
         loose = selectivity(deltas, {**strict_on, **demo.companions}, seed=p.seed) if demo.companions else {}
         for m in p.select_methods:

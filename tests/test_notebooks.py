@@ -60,6 +60,12 @@ def test_01_vector_runs_under_papermill_on_tiny_and_leaves_the_contract_files(tm
         assert r["selectivity"] == pytest.approx(r["on"] - 0.1 * r["off"])
         assert r["selectivity_lo"] <= r["selectivity"] <= r["selectivity_hi"]
         assert {"d_sel", "care_move", "sel_companions", "coh_pos", "coh_neg", "kl_p95_neg"} <= set(r)
+    # on = half the -coeff -> +coeff move of the trait's centred log-prob, from the rows the lines point to
+    from shl import selectivity
+    from shl.journal import read_jsonl
+    pca = next(r for r in sel if (r["method"], r["kl_budget"]) == ("pca", 0.01))
+    d = selectivity.delta(*(read_jsonl(run / f"evals/method_pca_kl0.01_{s}.jsonl") for s in ("neg", "pos")))
+    assert pca["on"] == pytest.approx(-d[:, 3].mean() / 2)  # authority (column 3) down is the trait
     entry = (run / "entry.md").read_text()
     assert "Verdict (gate 1)" in entry and "Steering methods at a matched dose" in entry and "**Methods:**" in entry
 

@@ -227,3 +227,22 @@ def test_the_params_choices_are_the_methods_shl_steer_implements():
     from shl.params import FIELDS, STEER_METHODS
     assert set(STEER_METHODS) == set(steer.METHODS)
     assert FIELDS["steer_method"].metadata["choices"] == list(STEER_METHODS)
+
+
+@pytest.mark.slow
+def test_on_the_embedded_model_every_method_points_the_way_of_pos_minus_neg(embedded):
+    """The sign rule of pca and lda (the majority of the pairs) agrees with the mean difference on
+    real paired states, at every layer of the band."""
+    from shl import demos
+    from shl.params import load_params
+    model, tok = embedded
+    p = load_params("default", n_contexts=32)
+    demo, contexts = demos.load_demo(p), demos.load_contexts(p)
+    layers = steer.band_layers(steer.num_layers(model), p.steer_band)
+    h_pos = steer.last_token_states(model, tok, [chat_prompt(tok, x, demo.pos) for x in contexts], layers, progress=False)
+    h_neg = steer.last_token_states(model, tok, [chat_prompt(tok, x, demo.neg) for x in contexts], layers, progress=False)
+    for layer in layers:
+        mean = steer.mean_diff_direction(h_pos[layer], h_neg[layer])
+        for method in ("pca", "lda"):
+            v = steer.METHODS[method](h_pos[layer], h_neg[layer])
+            assert torch.nn.functional.cosine_similarity(v, mean, dim=0).item() > 0, (method, layer)
