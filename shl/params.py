@@ -52,7 +52,10 @@ class Params:
     trait_sign: int = knob(0, "-1: trait = that foundation's nats going down, +1: up (0 = the demo's)", choices=[-1, 0, 1])
 
     # --- steering (01) ---------------------------------------------------------------------
-    # Chosen by 01's selectivity table on the embedded model (FIGURES PENDING the committed run)
+    # mean_diff: the most selective at a matched p95 KL on the embedded model, at both budgets
+    # (journal/2026-11-28_01_vector_*; authority alone on, care off): 0.5 nat mean_diff +1.45,
+    # pca +1.31, lda +1.12; 1.0 nat +1.78, +1.77, +1.39. With care counted as intended pca leads
+    # (+1.03 vs +0.84; +1.38 vs +1.02), and at the same KL pca keeps more coherence (0.91x vs 0.82x)
     steer_method: str = knob("mean_diff", "how the vector is extracted from the paired hidden states: mean_diff, "
                              "pca (top PC of the centred differences) or lda (shrunk Fisher discriminant)",
                              choices=list(STEER_METHODS))
