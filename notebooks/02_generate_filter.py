@@ -50,7 +50,7 @@ print(f"run folder: {RUN}\nmodel: {P.model}  demo: {DEMO.name}  steer_coeff: {P.
 model, tok = shl.load_model(P.model, P.dtype, P.device, P.seed)
 LAYERS = steer.band_layers(steer.num_layers(model), P.steer_band)
 shl.seed_everything(P.seed)
-vec = steer.extract(model, tok, DEMO.pos, DEMO.neg, demos.load_contexts(P), LAYERS, P.extract_batch_size)
+vec = steer.extract(model, tok, DEMO.pos, DEMO.neg, demos.load_contexts(P), LAYERS, P.extract_batch_size, method=P.steer_method)
 vec.save(RUN / "vector_r0.pt")
 print(f"steering layers {LAYERS}, norms", {l: round(n, 1) for l, n in vec.norms().items()})
 

@@ -65,10 +65,15 @@ if P.kept_from:
     src = Path(P.kept_from)
     KEPT = shl.journal.read_jsonl(src / "kept.jsonl")
     vec = steer.Vector.load(src / "vector_r0.pt")
+    src_method = vec.meta.get("method", "mean_diff")
+    if src_method != P.steer_method:
+        raise shl.ParamError(f"kept_from's vector was extracted with {src_method} but steer_method is "
+                             f"{P.steer_method}: pass -p steer_method {src_method} or another kept_from")
     COEFF = sum(r["coeff"] for r in KEPT) / len(KEPT)  # walk-C banks survivors of several doses
 else:
     shl.seed_everything(P.seed)
-    vec = steer.extract(model, tok, DEMO.pos, DEMO.neg, demos.load_contexts(P), LAYERS, P.extract_batch_size)
+    vec = steer.extract(model, tok, DEMO.pos, DEMO.neg, demos.load_contexts(P), LAYERS, P.extract_batch_size,
+                        method=P.steer_method)
     KEPT, kappa, trace, _ = filt.generate_and_filter(model, tok, vec, DEMO, P, seed=P.seed)
     COEFF = sum(r["coeff"] for r in KEPT) / len(KEPT)  # walk-C banks survivors of several doses
     shl.journal.write_jsonl(RUN / "kept.jsonl", KEPT)

@@ -45,7 +45,7 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 import shl
-from shl import demos, index, loop, plots, report
+from shl import demos, index, loop, plots, report, selectivity
 
 P, RUN = shl.start_run(globals(), "04_loop")
 DEMO = demos.load_demo(P)
@@ -106,10 +106,16 @@ for i, prompt in enumerate(DEMO.demo_prompts[:2]):
 # %% [markdown]
 # ## Headline and verdict
 # cost = |Δcoherence| / |Δtrait|. broken: coherence under the floor; undo: the healed model keeps
-# under half the steered move; broad: another foundation moved as much as the trait.
+# under half the steered move; broad: another foundation moved as much as the trait. Next to the
+# raw nats, the selectivity-style numbers of the last round's steered and healed models against
+# base, on centred log-probs (`shl.selectivity`): on = the trait's move toward the trait, off = the
+# mean |move| of the other six foundations (care included), selectivity = on − 0.1 off, with a 95%
+# row-bootstrap interval.
 
 # %%
 HEAD = loop.headline(LINES, DEMO.trait_foundation, DEMO.trait_sign, P.coh_floor)
+if HEAD:
+    HEAD.update(selectivity.round_selectivity(RUN, DEMO.trait_foundation, DEMO.trait_sign, HEAD["round"], P.seed))
 print(json.dumps(HEAD, indent=1, default=float))
 display(Markdown((RUN / "entry.md").read_text().split("### Plots")[0]))
 

@@ -30,6 +30,9 @@ class Demo:
     demo_prompts: list[str]
     prompt_pool: list[str]
     narration: list[str] = field(default_factory=list)  # phrases that narrate the persona (filter)
+    # foundations the persona pair also names, with their direction (authority: care up); shown
+    # beside selectivity, never part of the trait
+    companions: dict[str, int] = field(default_factory=dict)
 
     def trait_move(self, nats: float, base_nats: float) -> float:
         """Change of the trait foundation vs base, signed so that positive = toward the trait."""
@@ -50,9 +53,13 @@ def load_demo(p: Params) -> Demo:
                 trait_foundation=p.trait_foundation or d["trait_foundation"],
                 trait_sign=p.trait_sign or int(d["trait_sign"]),
                 demo_prompts=list(d["demo_prompts"]), prompt_pool=list(d["prompt_pool"]),
-                narration=list(d.get("narration_phrases", [])))
+                narration=list(d.get("narration_phrases", [])), companions=dict(d.get("companions") or {}))
     if demo.trait_foundation not in FOUNDATIONS or demo.trait_sign not in (-1, 1):
         raise ParamError(f"{path}: trait_foundation must be one of {FOUNDATIONS} and trait_sign -1 or 1")
+    if p.trait_foundation or p.persona_pos:  # companions belong to the demo's own pair and trait
+        demo.companions = {}
+    if any(f not in FOUNDATIONS or f == demo.trait_foundation or s not in (-1, 1) for f, s in demo.companions.items()):
+        raise ParamError(f"{path}: companions must map other foundations to -1 or 1, got {demo.companions}")
     return demo
 
 

@@ -25,10 +25,12 @@ from shl.demos import load_demo
 from shl.journal import JOURNAL, METRICS_FILE, PARAMS_FILE, REPO, _atomic_write, completed_rounds, md_cell, md_table
 from shl.loop import headline
 from shl.params import FIELDS, ParamError, Params, load_params
+from shl.selectivity import round_selectivity
 
 INDEX_FILE, OVERLAY_FILE = "index.md", "index_overlay.png"
 HEADLINE_KEYS = ("d_trait", "d_trait_beyond_null", "off_target_move", "off_target_beyond_null_move", "d_coh", "cost",
                  "verdict", "verdicts")
+SEL_KEYS = ("healed_on", "healed_off", "healed_selectivity")  # from the eval rows (shl.selectivity)
 # `<date>_<notebook>_<slug>`: the notebook is lower-case words; the slug (a model name) is the
 # first `_` part holding a digit, a dash or a capital, e.g. smollm2-135m-instruct, tiny-random
 FOLDER_RE = re.compile(r"^\d{4}-\d\d-\d\d_(\d\d_[a-z]+(?:_[a-z]+)*?)(?:_(?=[^_]*[^a-z_])|$)")
@@ -107,7 +109,7 @@ def scan_run(run_dir: Path) -> dict:
     cost, verdict), all_params (None when unreadable)."""
     run_dir = Path(run_dir)
     row = {"run": run_dir.name, "notebook": notebook_of(run_dir), "rounds": 0, "base_coherence": None,
-           "headline": None, **dict.fromkeys(HEADLINE_KEYS), "all_params": None}
+           "headline": None, **dict.fromkeys(HEADLINE_KEYS), **dict.fromkeys(SEL_KEYS), "all_params": None}
     problems = []
     p = None
     if (run_dir / PARAMS_FILE).exists():
@@ -135,6 +137,11 @@ def scan_run(run_dir: Path) -> dict:
             if h is not None:
                 row["headline"] = h
                 row.update({k: h[k] for k in HEADLINE_KEYS})
+                try:
+                    row.update({k: v for k, v in round_selectivity(run_dir, demo.trait_foundation, demo.trait_sign,
+                                                                   h["round"]).items() if k in SEL_KEYS})
+                except (OSError, ValueError, KeyError) as e:  # eval rows missing or of another shape
+                    problems.append(f"selectivity failed: {type(e).__name__}: {_first_line(e)}")
     if p is not None and lines and row["rounds"] < p.rounds and row["notebook"] == "04_loop":
         last = completed_rounds(lines)[-1] if row["rounds"] else None
         problems.append(f"stopped at the coherence floor after round {last['round']}" if last and last.get("stopped")
@@ -182,7 +189,7 @@ def render(rows: list[dict]) -> str:
     """index.md: title, the table, then the problems."""
     keys = list(rows[0]["params"]) if rows else []
     cols = ["run", "notebook", "status", "rounds done", *keys, "base coh", "d_trait", "beyond null", "off-target",
-            "off beyond null", "d_coh", "cost", "verdict", "all verdicts"]
+            "off beyond null", "d_coh", "cost", "verdict", "all verdicts", "on", "off", "sel"]
     shown = {"d_trait_beyond_null": "beyond null", "off_target_move": "off-target",
              "off_target_beyond_null_move": "off beyond null", "verdicts": "all verdicts"}
     table_rows = []
@@ -191,6 +198,7 @@ def render(rows: list[dict]) -> str:
              "base coh": r.get("base_coherence"), **{shown.get(k, k): r.get(k) for k in HEADLINE_KEYS}}
         if isinstance(t["all verdicts"], list):
             t["all verdicts"] = "+".join(t["all verdicts"]) or "pass"
+        t.update({"on": r.get("healed_on"), "off": r.get("healed_off"), "sel": r.get("healed_selectivity")})
         t = {k: md_cell(v) for k, v in t.items()}
         t.update({k: _param_cell(r["params"].get(k)) for k in keys})
         table_rows.append(t)
@@ -200,7 +208,9 @@ def render(rows: list[dict]) -> str:
             "toward the run's trait vs base (nats); beyond null: the same minus the null control arm's move (a heal "
             "on unsteered text); off-target: the largest move of another foundation, raw and beyond the null; "
             "d_coh: the coherence change; cost = |d_coh| / |d_trait|; verdict: the first failure (or pass), all "
-            "verdicts: every one that applies (see `shl.loop.headline`).\n\n" + md_table(table_rows, cols) + "\n")
+            "verdicts: every one that applies (see `shl.loop.headline`). on, off, sel: the same healed model "
+            "against base on centred log-probs (the trait's move, the mean |move| of the other foundations, "
+            "on − 0.1 off; `shl.selectivity`).\n\n" + md_table(table_rows, cols) + "\n")
     problems = [r for r in rows if r["status"] != "ok"]
     if problems:
         text += "\n## Problems\n\n" + "".join(f"- `{r['run']}`: {r['status']}\n" for r in problems)

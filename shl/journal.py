@@ -166,13 +166,14 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
-def log_eval(run_dir: Path, result, stage: str, round: int = -1, **extra) -> dict:
-    """Append the eval's metrics line and keep its per-vignette rows as evals/<stage>_r<round>.jsonl."""
+def log_eval(run_dir: Path, result, stage: str, round: int = -1, rows_name: str = "", **extra) -> dict:
+    """Append the eval's metrics line and keep its per-vignette rows as evals/<stage>_r<round>.jsonl
+    (or evals/<rows_name>.jsonl, for a stage evaluated more than once per round)."""
     record = result.record(stage, round, **extra)
     append_metrics(run_dir, record)
     rows_dir = Path(run_dir) / "evals"
     rows_dir.mkdir(exist_ok=True)
-    write_jsonl(rows_dir / f"{stage}_r{round}.jsonl", result.rows)
+    write_jsonl(rows_dir / f"{rows_name or f'{stage}_r{round}'}.jsonl", result.rows)
     return record
 
 

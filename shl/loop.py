@@ -240,7 +240,7 @@ def run_round(model, tok, p: Params, run_dir: Path, demo: demos.Demo, k: int, hi
     set_active(model, history)
     contexts = demos.load_contexts(p)
     layers = steer.band_layers(steer.num_layers(model), p.steer_band)
-    vec = steer.extract(model, tok, demo.pos, demo.neg, contexts, layers, p.extract_batch_size, progress)
+    vec = steer.extract(model, tok, demo.pos, demo.neg, contexts, layers, p.extract_batch_size, progress, p.steer_method)
     vec.meta["round"] = k
     vec.save(run_dir / f"vector_r{k}.pt")
     v0 = vec if k == 0 else steer.Vector.load(run_dir / "vector_r0.pt")

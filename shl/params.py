@@ -19,6 +19,8 @@ import yaml
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "params"
 FOUNDATIONS = ("care", "fairness", "loyalty", "authority", "sanctity", "liberty", "socialnorms")
+# shl.steer.METHODS, named here so validation runs without importing torch (a test keeps them equal)
+STEER_METHODS = ("mean_diff", "pca", "lda")
 # the notebook-level papermill parameters; everything else a notebook receives must be a field
 NOTEBOOK_PARAMS = ("params", "run_dir")
 
@@ -50,7 +52,13 @@ class Params:
     trait_sign: int = knob(0, "-1: trait = that foundation's nats going down, +1: up (0 = the demo's)", choices=[-1, 0, 1])
 
     # --- steering (01) ---------------------------------------------------------------------
-    steer_method: str = knob("mean_diff", "how the vector is extracted", choices=["mean_diff"])
+    # mean_diff: the most selective at a matched p95 KL on the embedded model, at both budgets
+    # (journal/2026-11-28_01_vector_*; authority alone on, care off): 0.5 nat mean_diff +1.45,
+    # pca +1.31, lda +1.12; 1.0 nat +1.78, +1.77, +1.39. With care counted as intended pca leads
+    # (+1.03 vs +0.84; +1.38 vs +1.02), and at the same KL pca keeps more coherence (0.91x vs 0.82x)
+    steer_method: str = knob("mean_diff", "how the vector is extracted from the paired hidden states: mean_diff, "
+                             "pca (top PC of the centred differences) or lda (shrunk Fisher discriminant)",
+                             choices=list(STEER_METHODS))
     # layers 18-23 of SmolLM2's 30 moved authority -1.19 nats at 0.91x base coherence (coeff 0.5);
     # 15-20 gave -0.73 at 0.74x and 12-17 -0.25 at 0.65x (journal/2026-11-26_01_vector_*)
     steer_band: list = knob([0.6, 0.8], "decoder layers to steer, as [start, end) fractions of depth")
@@ -63,6 +71,9 @@ class Params:
     sweep_coeffs: list = knob([-0.5, 0.25, 0.5, 1.0, 2.0], "raw-vector multiples swept in 01_vector")
     steer_calibrate: bool = knob(False, "bisect the coefficient to hit calib_kl_p95 instead of using steer_coeff")
     calib_kl_p95: float = knob(1.0, "target p95 per-token KL(steered||unsteered) in nats for calibration", lo=0, lo_open=True)
+    # steering-lite compared methods at 0.5 nat; at 1.0 SmolLM2's coherence already falls to ~0.7x
+    select_kl_budgets: list = knob([0.5, 1.0], "01_vector: p95 KL budgets (nats) at which the methods are compared, each calibrated to it")
+    select_methods: list = knob(list(STEER_METHODS), "01_vector: the steer_method choices compared at the matched doses")
 
     # --- generation (02) -------------------------------------------------------------------
     gen_batch_size: int = knob(16, "completions per generate() call", lo=1)
@@ -196,6 +207,11 @@ def validate(p: Params) -> Params:
     for key in ("sweep_coeffs",):
         if not p.sweep_coeffs or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in p.sweep_coeffs):
             raise ParamError(f"parameter '{key}' = {p.sweep_coeffs!r} must be a non-empty list of numbers")
+    if not p.select_kl_budgets or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
+                                          for x in p.select_kl_budgets):
+        raise ParamError(f"parameter 'select_kl_budgets' = {p.select_kl_budgets!r} must be a non-empty list of positive nats")
+    if not p.select_methods or any(m not in STEER_METHODS for m in p.select_methods) or len(set(p.select_methods)) < len(p.select_methods):
+        raise ParamError(f"parameter 'select_methods' = {p.select_methods!r} must list distinct methods of {list(STEER_METHODS)}")
     if not p.lora_modules or not all(isinstance(x, str) for x in p.lora_modules):
         raise ParamError(f"parameter 'lora_modules' = {p.lora_modules!r} must be a non-empty list of module names")
     if p.min_train > p.n_keep:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.lines import Line2D
 
 from shl.params import FOUNDATIONS
 
@@ -302,5 +303,49 @@ def plot_sweep_pareto(marks: list[tuple[str, float, float, str]], title: str = "
     ax.set_ylabel("coherence / base coherence")
     ax.set_title(title)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# --- 01: steering methods at matched doses --------------------------------------------------------
+
+def plot_selectivity(lines: list[dict], baseline_move: float | None = None, baseline_coh: float | None = None):
+    """`selectivity` lines of 01 (one per method and KL budget). Left: selectivity with its 95%
+    interval per method, one marker per budget. Right: the methods on the trait-vs-coherence
+    plane, +coeff (filled) and -coeff (open) joined, base at (0, 1)."""
+    methods = list(dict.fromkeys(r["method"] for r in lines))
+    budgets = sorted({r["kl_budget"] for r in lines})
+    colors = {m: f"C{i}" for i, m in enumerate(methods)}
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    width = 0.6 / max(len(budgets), 1)
+    for j, b in enumerate(budgets):
+        for i, m in enumerate(methods):
+            r = next((x for x in lines if x["method"] == m and x["kl_budget"] == b), None)
+            if r is None:
+                continue
+            x = i + (j - (len(budgets) - 1) / 2) * width
+            ax1.errorbar(x, r["selectivity"], [[r["selectivity"] - r["selectivity_lo"]], [r["selectivity_hi"] - r["selectivity"]]],
+                         fmt="os^Dv"[j % 5], color=colors[m], capsize=3)
+            xs = [r["trait_move_neg"], r["trait_move_pos"]]
+            ys = [r["coh_neg"], r["coh_pos"]]
+            ax2.plot(xs, ys, "-", color=colors[m], alpha=0.4)
+            ax2.scatter(xs[1], ys[1], marker="os^Dv"[j % 5], color=colors[m], zorder=3,
+                        label=f"{m}, KL {b:g}")
+            ax2.scatter(xs[0], ys[0], marker="os^Dv"[j % 5], facecolors="none", edgecolors=colors[m], zorder=3)
+    ax1.axhline(0, color="k", lw=0.5)
+    ax1.set_xticks(range(len(methods)), methods)
+    ax1.set_ylabel("selectivity (half of -coeff -> +coeff, centred log-probs)")
+    ax1.set_title("selectivity = on - 0.1 off, 95% row bootstrap")
+    ax1.legend([Line2D([], [], marker="os^Dv"[j % 5], color="grey", ls="") for j in range(len(budgets))],
+               [f"p95 KL {b:g}" for b in budgets], fontsize=8)
+    ax2.scatter([0], [1], marker="x", color="k", label="base", zorder=3)
+    if baseline_move is not None:
+        ax2.scatter([baseline_move], [baseline_coh], marker="*", s=120, color="tab:orange", label="prompting baseline", zorder=3)
+    ax2.axvline(0, color="k", lw=0.5)
+    ax2.axhline(1, color="k", lw=0.5)
+    ax2.set_xlabel("trait move vs base (nats toward the trait)")
+    ax2.set_ylabel("coherence / base coherence")
+    ax2.set_title("filled: +coeff, open: -coeff")
+    ax2.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     return fig

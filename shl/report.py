@@ -12,6 +12,7 @@ from shl.demos import load_demo
 from shl.journal import REPO, completed_rounds, md_cell, md_table, read_jsonl, read_metrics, write_entry
 from shl.loop import STAGES, headline
 from shl.params import load_params
+from shl.selectivity import round_selectivity
 
 PLOTS = ("trajectory", "pareto", "plane", "filter_rounds")
 
@@ -59,6 +60,10 @@ ROUND_COLS = ["round", "kappa", "coeff", "kept", "generated", "steered_d_trait",
               "heal_final_D", "cos_v_v0", "cos_student_teacher", "seconds"]
 
 
+SEL_COLS = ["round", "steered_on", "steered_off", "steered_selectivity", "healed_on", "healed_off",
+            "healed_selectivity", "healed_sel_lo", "healed_sel_hi"]
+
+
 def timing_table(lines: list[dict], rounds: list[dict]) -> str:
     once = sum(r.get("seconds", 0.0) for r in lines if r.get("stage") in ("base", "prompt_baseline"))
     rows = [dict({"round": r["round"]}, **{s: r.get(f"seconds_{s}", 0.0) for s in STAGES}, total=r["seconds"])
@@ -86,7 +91,13 @@ def headline_text(head: dict) -> str:
             + (f", {head['off_target_beyond_null']} {head['off_target_beyond_null_move']:.3f} beyond the null"
                if head["off_target_beyond_null"] else "")
             + f". Prompting baseline: Δtrait {head['baseline_d_trait']:+.3f} at coherence "
-            f"{head['baseline_coherence']:.3f}.\n\n**Verdict: {head['verdict']}**")
+            f"{head['baseline_coherence']:.3f}."
+            + (f" On centred log-probs against base (see `shl.selectivity`): healed on {head['healed_on']:+.3f}, "
+               f"off {head['healed_off']:.3f}, selectivity {head['healed_selectivity']:+.3f} "
+               f"[{head['healed_sel_lo']:+.3f}, {head['healed_sel_hi']:+.3f}]; the steered model it learned from: on "
+               f"{head['steered_on']:+.3f}, off {head['steered_off']:.3f}, selectivity "
+               f"{head['steered_selectivity']:+.3f}." if "healed_on" in head else "")
+            + f"\n\n**Verdict: {head['verdict']}**")
     if head["verdicts"]:
         text += "\n\n" + "\n".join(f"- {w}" for w in head["why"].split("; "))
     else:
@@ -110,6 +121,10 @@ def report(run_dir: Path, error: str = "") -> Path:
     trait = f"{demo.trait_foundation}_nats"
     make_plots(run_dir, lines, p, demo)
     head = headline(lines, demo.trait_foundation, demo.trait_sign, p.coh_floor)
+    sel_rows = [dict(round=r["round"], **round_selectivity(run_dir, demo.trait_foundation, demo.trait_sign,
+                                                           r["round"], p.seed)) for r in rounds]
+    if head:  # new keys beside the raw nats (the headline's round may not be finished: a crashed run)
+        head.update(round_selectivity(run_dir, demo.trait_foundation, demo.trait_sign, head["round"], p.seed))
     base = next((r for r in lines if r["stage"] == "base"), None)
     baseline = next((r for r in lines if r["stage"] == "prompt_baseline"), None)
 
@@ -147,7 +162,11 @@ def report(run_dir: Path, error: str = "") -> Path:
         parts += ["### Rounds\n\nd_trait is signed toward the trait, in nats against base; coherence ratio against "
                   "base; cos_v_v0 = the re-extracted vector vs round 0's; cos_student_teacher = what the round's "
                   "adapter moved (adapter on vs off, neutral prompt) vs the vector it learned from.\n\n"
-                  + md_table(rounds, ROUND_COLS)]
+                  + md_table(rounds, ROUND_COLS),
+                  "### Selectivity per round\n\nOn centred log-probs (each answer's log-prob minus the mean over the "
+                  "seven), each model against base: on = the trait's mean move toward the trait, off = the mean |move| "
+                  "of the other six foundations (care included), selectivity = on − 0.1 off, with a 95% row bootstrap "
+                  "interval.\n\n" + md_table(sel_rows, SEL_COLS)]
     parts += ["### Plots\n\n" + "\n".join(f"![{n}]({n}.png)" for n in PLOTS),
               "### Day and night\n\n" + day_night(run_dir, rounds),
               "### Wall time (s)\n\n" + timing_table(lines, rounds)]

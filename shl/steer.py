@@ -1,4 +1,4 @@
-"""Steering vectors: extract (mean difference of hidden states), apply (a forward hook), compare.
+"""Steering vectors: extract (mean difference, PCA or LDA of paired hidden states), apply (a forward hook), compare.
 
 A vector is plain data: {layer index: direction [hidden]} plus metadata. Applying it adds
 `coeff * v_l` to the output hidden state of decoder layer l at every position, prompt and
@@ -171,15 +171,104 @@ def last_token_states(model, tok, prompts: list[str], layers: list[int], batch_s
     return {l: torch.cat(v) for l, v in out.items()}
 
 
+# --- extraction methods: (h_pos [N, H], h_neg [N, H]) -> direction [H], one layer at a time ---------
+
+def mean_diff_direction(h_pos: torch.Tensor, h_neg: torch.Tensor) -> torch.Tensor:
+    """mean_i (h_pos_i - h_neg_i): the mean of the paired differences (contrastive activation
+    addition, Rimsky et al. 2024, arXiv:2312.06681; the `steering-vectors` library's default).
+    Its norm is kept: it is the scale every other method is brought to (see `extract`)."""
+    return (h_pos - h_neg).mean(0)
+
+
+def _majority_sign(u: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Flip u so that most paired differences project positively on it (ties: the sign of the
+    largest projection). A principal or discriminant axis has no sign of its own; this ties it to
+    pos - neg without using the mean, which may be ~0."""
+    proj = d @ u  # [N]
+    votes = int((proj > 0).sum()) - int((proj < 0).sum())
+    sign = votes if votes else proj[proj.abs().argmax()].item()
+    return -u if sign < 0 else u
+
+
+def pca_direction(h_pos: torch.Tensor, h_neg: torch.Tensor) -> torch.Tensor:
+    """Top principal component of the paired differences d_i = h_pos_i - h_neg_i after
+    subtracting their mean, sign by the majority of the d_i's projections, unit norm.
+
+    Where the persona's effect varies from context to context (large where the context touches the
+    trait, small elsewhere), that variation is the axis, and the constant offset every pos prompt
+    adds (style, length of the system prompt) is what the centring removes. repeng (vgel, 2024)
+    and RepE (Zou et al. 2023, arXiv:2310.01405) take PCA of paired differences; steering-lite's
+    `pca` (centred) ranked first by selectivity on Qwen3-4B."""
+    d = (h_pos - h_neg).double()
+    if d.shape[0] < 2:
+        raise ValueError("pca needs at least 2 contexts (one difference has no variance); raise n_contexts")
+    _, _, vh = torch.linalg.svd(d - d.mean(0), full_matrices=False)
+    return _majority_sign(vh[0], d).float()
+
+
+def ledoit_wolf(x: torch.Tensor) -> torch.Tensor:
+    """Shrunk covariance (b2/d2) m I + (1 - b2/d2) S of centred rows x [n, p] (Ledoit & Wolf 2004,
+    J. Multivariate Analysis 88(2), 365-411): well-conditioned when n < p, no tuning knob."""
+    n, p = x.shape
+    s = x.T @ x / n
+    m = torch.trace(s) / p
+    d2 = ((s - m * torch.eye(p, dtype=x.dtype)) ** 2).sum() / p
+    # sum_k ||x_k x_k^T - S||_F^2 = sum_k (|x_k|^4 - 2 x_k^T S x_k) + n |S|_F^2
+    sq = (x * x).sum(1)
+    b2_bar = ((sq ** 2).sum() - 2 * ((x @ s) * x).sum() + n * (s ** 2).sum()) / (n ** 2 * p)
+    b2 = torch.minimum(b2_bar, d2)
+    return (b2 / d2) * m * torch.eye(p, dtype=x.dtype) + (1 - b2 / d2) * s
+
+
+def lda_direction(h_pos: torch.Tensor, h_neg: torch.Tensor) -> torch.Tensor:
+    """Fisher's discriminant S_w^{-1} (mu_pos - mu_neg), S_w the within-class covariance of the
+    pos and neg states (each centred on its own mean) with Ledoit-Wolf shrinkage; sign by the
+    majority of the paired differences' projections, unit norm.
+
+    It discounts the directions the states vary along from context to context (what the user
+    message is about), so a mean difference that leaks into topic directions is cleaned out of
+    them. The literature predicts it steers worse than the mean difference (Marks & Tegmark 2023,
+    arXiv:2310.06824: mass-mean directions were more causally implicated than logistic-regression
+    probe directions; Li et al. 2023, ITI, arXiv:2306.03341: the mass-mean shift beat probe weight
+    directions); 01 measures it on this model."""
+    hp, hn = h_pos.double(), h_neg.double()
+    if hp.shape[0] < 2:
+        raise ValueError("lda needs at least 2 contexts for a covariance; raise n_contexts")
+    within = torch.cat([hp - hp.mean(0), hn - hn.mean(0)])
+    w = torch.linalg.solve(ledoit_wolf(within), hp.mean(0) - hn.mean(0))
+    return _majority_sign(w / w.norm(), hp - hn).float()
+
+
+# Cosine-gated steering (add coeff * gate(cos(h, v)) * v only where the state already leans on
+# the axis) is left out: its gate reads the hidden state at inference, so no fixed vector stands
+# for it. It could still drive generation, and the loop distils completions, not vectors, so the
+# adapter would learn whatever the gated steering wrote; but the student-vector diagnostic and
+# the iso-KL dose would compare against an ungated v, and the gate's threshold is one more knob.
+METHODS = {"mean_diff": mean_diff_direction, "pca": pca_direction, "lda": lda_direction}
+
+
+def direction(method: str, h_pos: torch.Tensor, h_neg: torch.Tensor) -> torch.Tensor:
+    """One layer's steering vector by `method`, sized to the mean difference's norm: the raw
+    coefficients (steer_coeff, sweep_coeffs) then mean a push of the same size for every method,
+    and at a matched dose (`calibrate`) the norm does not matter at all."""
+    if method not in METHODS:
+        raise ValueError(f"unknown steer_method {method!r}: use one of {sorted(METHODS)}")
+    u = METHODS[method](h_pos, h_neg)
+    return u * ((h_pos - h_neg).mean(0).norm() / u.norm())
+
+
 def extract(model, tok, pos: str, neg: str, contexts: list[str], layers: list[int], batch_size: int = 16,
-            progress: bool = True) -> Vector:
-    """v_l = mean over contexts of h_l(pos + x) - h_l(neg + x) at the assistant tag."""
+            progress: bool = True, method: str = "mean_diff") -> Vector:
+    """Per layer, `direction(method, h_l(pos + x), h_l(neg + x))` over the contexts x, read at the
+    assistant tag (mean_diff: v_l = mean over contexts of h_l(pos + x) - h_l(neg + x))."""
     if not contexts:
         raise ValueError("no extraction contexts")
+    if method not in METHODS:  # before the forward passes
+        raise ValueError(f"unknown steer_method {method!r}: use one of {sorted(METHODS)}")
     h_pos = last_token_states(model, tok, [chat_prompt(tok, x, pos) for x in contexts], layers, batch_size, progress, "extract pos")
     h_neg = last_token_states(model, tok, [chat_prompt(tok, x, neg) for x in contexts], layers, batch_size, progress, "extract neg")
-    return Vector({l: (h_pos[l] - h_neg[l]).mean(0) for l in layers},
-                  {"method": "mean_diff", "pos": pos, "neg": neg, "n_contexts": len(contexts), "layers": layers})
+    return Vector({l: direction(method, h_pos[l], h_neg[l]) for l in layers},
+                  {"method": method, "pos": pos, "neg": neg, "n_contexts": len(contexts), "layers": layers})
 
 
 def student_vector(h_student: dict[int, torch.Tensor], h_reference: dict[int, torch.Tensor]) -> Vector:

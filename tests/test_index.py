@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 import yaml
 
@@ -35,12 +36,24 @@ def _loop_lines(n_rounds=2):
     return lines
 
 
+def _eval_rows(line, n=3):
+    """Per-vignette rows whose answer log-probs are the line's nats (the same on every vignette)."""
+    nats = np.array([line[f"{f}_nats"] for f in FOUNDATIONS])
+    p = np.exp(nats) / np.exp(nats).sum()
+    return [{"id": i, **{f"p_{f}": float(x) for f, x in zip(FOUNDATIONS, p)}} for i in range(n)]
+
+
 def _write(run, params=None, lines=None, tail=""):
     run.mkdir(parents=True)
     if params is not None:
         (run / "params.yaml").write_text(params if isinstance(params, str) else yaml.safe_dump(params))
     if lines is not None:
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + tail)
+        (run / "evals").mkdir()
+        for r in lines:  # what log_eval leaves beside each eval line
+            if r["stage"] in ("base", "steered", "healed"):
+                (run / "evals" / f"{r['stage']}_r{r['round']}.jsonl").write_text(
+                    "".join(json.dumps(x) + "\n" for x in _eval_rows(r)))
 
 
 @pytest.fixture
@@ -75,6 +88,17 @@ def test_good_run_headline_matches_the_crafted_numbers(journal):
     assert r["d_trait"] == pytest.approx(1.0) and r["d_coh"] == pytest.approx(-0.1)
     assert r["cost"] == pytest.approx(0.1) and r["base_coherence"] == pytest.approx(0.8)
     assert r["headline"]["round"] == 1
+    # centred log-probs: authority fell 1 nat alone, so on = 6/7, off = 1/7
+    assert r["healed_on"] == pytest.approx(6 / 7) and r["healed_off"] == pytest.approx(1 / 7)
+    assert r["healed_selectivity"] == pytest.approx(6 / 7 - 0.1 / 7)
+
+
+def test_a_loop_run_without_its_eval_rows_says_so_and_keeps_its_headline(journal):
+    import shutil
+    shutil.rmtree(journal / LAM / "evals")
+    r = _rows(journal)[LAM]
+    assert r["status"].startswith("selectivity failed: FileNotFoundError") and r["verdict"] == "pass"
+    assert r["healed_on"] is None
 
 
 def test_each_problem_is_reported_in_its_row(journal):
@@ -109,7 +133,7 @@ def test_write_index_lists_every_folder_with_its_problem(journal):
     problems = text[text.index("## Problems"):]
     assert f"`{TRUNC}`: metrics.jsonl line 6 is not JSON" in problems and f"`{GOOD}`" not in problems
     good = next(line for line in text.splitlines() if line.startswith(f"| {GOOD} |"))
-    assert "| pass |" in good and "| 1.000 |" in good
+    assert "| pass |" in good and "| 1.000 |" in good and good.endswith("| 0.857 | 0.143 | 0.843 |")
 
 
 def test_plot_overlay_draws_one_line_per_loop_run(journal, tmp_path, capsys):

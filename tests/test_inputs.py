@@ -83,3 +83,21 @@ def test_model_paths_are_checked_and_hub_ids_left_to_the_loader(model, ok):
 def test_kept_from_must_be_a_finished_02_run(tmp_path):
     with pytest.raises(ParamError, match="not a finished 02_generate_filter run folder"):
         check_inputs(load_params("tiny", kept_from=str(tmp_path)))
+
+
+def test_the_authority_demo_names_care_as_its_companion_and_an_overridden_pair_has_none():
+    assert load_demo(load_params("tiny")).companions == {"care": 1}
+    assert load_demo(load_params("tiny", demo="love")).companions == {}
+    assert load_demo(load_params("tiny", trait_foundation="fairness")).companions == {}
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("select_kl_budgets", [], "non-empty list of positive nats"),
+    ("select_kl_budgets", [0.5, -1], "non-empty list of positive nats"),
+    ("select_methods", ["pca", "svd"], "distinct methods of"),
+    ("select_methods", ["pca", "pca"], "distinct methods of"),
+    ("steer_method", "svd", "is not one of"),
+])
+def test_bad_method_comparison_params_are_refused(key, value, message):
+    with pytest.raises(ParamError, match=message):
+        load_params("tiny", **{key: value})

@@ -285,3 +285,25 @@ def test_headline_ignores_the_healed_eval_of_an_unfinished_round():
              _eval("healed", 0, 0.55, authority=-4.0, care=-1.8), {"stage": "round", "round": 0},
              _eval("steered", 1, 0.2, authority=-6.0), _eval("healed", 1, 0.1, authority=-2.0)]
     assert loop.headline(lines, "authority", -1, 0.5)["round"] == 0
+
+
+@pytest.mark.parametrize("method", ["pca", "lda"])
+def test_the_loop_runs_two_rounds_with_another_steer_method(tmp_path, method):
+    p = load_params("tiny", steer_method=method)
+    run = prepare_run_dir(tmp_path / method, p)
+    _, rounds = _loop(run, p)
+    assert [r["round"] for r in rounds] == [0, 1]
+    from shl.steer import Vector
+    assert [Vector.load(run / f"vector_r{k}.pt").meta["method"] for k in (0, 1)] == [method, method]
+    entry = (run / "entry.md").read_text()
+    assert "### Selectivity per round" in entry and "healed on" in entry
+    for k in ("cos_v_v0", "cos_student_teacher"):
+        assert -1.0 <= rounds[1][k] <= 1.0
+
+
+def test_the_entry_carries_the_healed_models_selectivity_against_base(uninterrupted):
+    run, _ = uninterrupted
+    from shl.selectivity import round_selectivity
+    got = round_selectivity(run, "authority", -1, 1)
+    entry = (run / "entry.md").read_text()
+    assert f"healed on {got['healed_on']:+.3f}, off {got['healed_off']:.3f}, selectivity {got['healed_selectivity']:+.3f}" in entry

@@ -43,12 +43,31 @@ def test_01_vector_runs_under_papermill_on_tiny_and_leaves_the_contract_files(tm
     out = _run(["notebooks/01_vector.ipynb", "--params", "tiny", "--run-dir", str(run)], timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     for name in ("params.yaml", "metrics.jsonl", "01_vector.ipynb", "profile_base.png", "sweep.png",
-                 "vector_r0.pt", "samples_sweep.jsonl", "entry.md"):
+                 "vector_r0.pt", "samples_sweep.jsonl", "entry.md", "selectivity.png",
+                 "vector_mean_diff.pt", "vector_pca.pt", "vector_lda.pt", "evals/method_lda_kl0.01_neg.jsonl"):
         assert (run / name).exists(), name
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["stage"] for r in lines] == ["base", "prompt_baseline"] + ["sweep"] * 2  # tiny sweeps -1 and +1
-    assert [r["coeff"] for r in lines[2:]] == [-1.0, 1.0]
-    assert "Verdict (gate 1)" in (run / "entry.md").read_text()
+    # tiny sweeps -1 and +1, then 3 methods x 2 KL budgets x 2 signs, then a selectivity line per method and budget
+    assert [r["stage"] for r in lines] == ["base", "prompt_baseline"] + ["sweep"] * 2 + ["method"] * 12 + ["selectivity"] * 6
+    assert [r["coeff"] for r in lines[2:4]] == [-1.0, 1.0]
+    methods = [r for r in lines if r["stage"] == "method"]
+    assert [(r["method"], r["kl_budget"], r["sign"]) for r in methods[:4]] == [
+        ("mean_diff", 0.005, 1), ("mean_diff", 0.005, -1), ("mean_diff", 0.01, 1), ("mean_diff", 0.01, -1)]
+    assert all(r["coeff"] == -q["coeff"] for r, q in zip(methods[::2], methods[1::2]))
+    sel = [r for r in lines if r["stage"] == "selectivity"]
+    assert {(r["method"], r["kl_budget"]) for r in sel} == {(m, b) for m in ("mean_diff", "pca", "lda") for b in (0.005, 0.01)}
+    for r in sel:
+        assert r["selectivity"] == pytest.approx(r["on"] - 0.1 * r["off"])
+        assert r["selectivity_lo"] <= r["selectivity"] <= r["selectivity_hi"]
+        assert {"d_sel", "care_move", "sel_companions", "coh_pos", "coh_neg", "kl_p95_neg"} <= set(r)
+    # on = half the -coeff -> +coeff move of the trait's centred log-prob, from the rows the lines point to
+    from shl import selectivity
+    from shl.journal import read_jsonl
+    pca = next(r for r in sel if (r["method"], r["kl_budget"]) == ("pca", 0.01))
+    d = selectivity.delta(*(read_jsonl(run / f"evals/method_pca_kl0.01_{s}.jsonl") for s in ("neg", "pos")))
+    assert pca["on"] == pytest.approx(-d[:, 3].mean() / 2)  # authority (column 3) down is the trait
+    entry = (run / "entry.md").read_text()
+    assert "Verdict (gate 1)" in entry and "Steering methods at a matched dose" in entry and "**Methods:**" in entry
 
 
 def test_a_mistyped_parameter_stops_before_any_model_loads(tmp_path):

@@ -145,3 +145,121 @@ def test_calibration_hits_the_target_kl(tiny):
     coeff, trace = steer.calibrate(model, tok, vec, prompts, target=target, iters=16)
     assert 0 < coeff < 3.0
     assert steer.kl_p95(model, tok, vec, coeff, prompts) == pytest.approx(target, rel=0.02)
+
+
+# --- extraction methods --------------------------------------------------------------------------
+
+def _planted_pairs(n=200, h=32, seed=0):
+    """Paired states whose differences have mean ~0 but vary along a planted unit direction u:
+    3 of 4 pairs differ by +1 u, 1 of 4 by -3 u (so the mean along u is 0), plus small noise."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(h, generator=g)
+    u /= u.norm()
+    amount = torch.where(torch.arange(n) % 4 == 0, -3.0, 1.0)  # majority +1, mean 0
+    h_neg = torch.randn(n, h, generator=g)
+    h_pos = h_neg + amount[:, None] * u + 0.05 * torch.randn(n, h, generator=g)
+    return h_pos, h_neg, u
+
+
+def test_pca_recovers_a_planted_direction_with_the_majority_sign_where_the_mean_difference_cannot():
+    h_pos, h_neg, u = _planted_pairs()
+    assert abs((h_pos - h_neg).mean(0) @ u) < 0.05  # the planted differences cancel in the mean
+    v = steer.pca_direction(h_pos, h_neg)
+    assert v.norm().item() == pytest.approx(1.0, abs=1e-5)
+    assert torch.dot(v, u).item() > 0.99  # the axis, with the sign most pairs point along
+    m = steer.mean_diff_direction(h_pos, h_neg)
+    assert abs(torch.nn.functional.cosine_similarity(m, u, dim=0).item()) < 0.5  # noise, not the axis
+    # the same pairs swapped: the sign follows pos - neg
+    assert torch.dot(steer.pca_direction(h_neg, h_pos), u).item() < -0.99
+
+
+def test_pca_centres_the_differences_so_a_constant_offset_is_not_the_axis():
+    h_pos, h_neg, u = _planted_pairs()
+    w = torch.zeros_like(u)
+    w[0] = 1.0
+    w -= (w @ u) * u
+    w /= w.norm()
+    v = steer.pca_direction(h_pos + 10.0 * w, h_neg)  # every pair also differs by a big constant 10 w
+    assert torch.dot(v, u).item() > 0.99 and abs(torch.dot(v, w).item()) < 0.05
+
+
+def test_pca_sign_ties_go_to_the_largest_projection():
+    u = torch.tensor([1.0, 0.0, 0.0])
+    h_neg = torch.zeros(4, 3)
+    h_pos = torch.stack([2 * u, 2 * u, -1 * u, -5 * u])  # two for, two against; the largest is against
+    assert steer.pca_direction(h_pos, h_neg)[0].item() == pytest.approx(-1.0, abs=1e-6)
+
+
+def test_lda_discounts_a_direction_the_states_vary_along():
+    """The class means differ by u + n, but n is also where the states vary most from context to
+    context: mean_diff sits half-way (cos 0.71 with u), the discriminant points along u."""
+    g = torch.Generator().manual_seed(1)
+    hdim, count = 16, 400
+    u, nuis = torch.eye(hdim)[0], torch.eye(hdim)[1]
+    context = 5.0 * torch.randn(count, 1, generator=g) * nuis  # topic variation, shared by both prompts
+    h_neg = context + 0.1 * torch.randn(count, hdim, generator=g)
+    h_pos = context + u + nuis + 0.1 * torch.randn(count, hdim, generator=g)
+    h_pos = h_pos + 5.0 * torch.randn(count, 1, generator=g) * nuis  # pos's own spread along n too
+    cos = lambda a, b: torch.nn.functional.cosine_similarity(a, b, dim=0).item()  # noqa: E731
+    assert cos(steer.mean_diff_direction(h_pos, h_neg), u) < 0.8
+    assert cos(steer.lda_direction(h_pos, h_neg), u) > 0.95
+
+
+def test_ledoit_wolf_is_well_conditioned_with_fewer_rows_than_dimensions():
+    x = torch.randn(10, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x = x - x.mean(0)
+    shrunk = steer.ledoit_wolf(x)
+    assert torch.linalg.matrix_rank(x.T @ x) < 50 and torch.linalg.eigvalsh(shrunk).min() > 0
+    torch.testing.assert_close(torch.trace(shrunk), torch.trace(x.T @ x / 10))  # shrinks toward the same scale
+
+
+@pytest.mark.parametrize("method", sorted(steer.METHODS))
+def test_every_method_extracts_steers_and_calibrates_and_records_its_method(tiny, tmp_path, method):
+    model, tok = tiny
+    contexts = ["Hi", "Plan a picnic", "Fix my bike chain", "What is rain?"]
+    vec = steer.extract(model, tok, "You are cheerful.", "You are gloomy.", contexts, [0, 1], progress=False, method=method)
+    mean = steer.extract(model, tok, "You are cheerful.", "You are gloomy.", contexts, [0, 1], progress=False)
+    assert vec.meta["method"] == method
+    for l in (0, 1):  # every method carries the mean difference's norm, so raw coefficients are comparable
+        assert vec.layers[l].norm().item() == pytest.approx(mean.layers[l].norm().item(), rel=1e-5)
+    vec.save(tmp_path / "v.pt")
+    assert steer.Vector.load(tmp_path / "v.pt").meta["method"] == method
+    ids = _ids(tok)
+    with torch.no_grad():
+        plain = model(ids).logits
+        with steer.steer(model, vec, 50.0):
+            assert not torch.allclose(model(ids).logits, plain)
+    prompts = [chat_prompt(tok, x) for x in contexts[:2]]
+    coeff, _ = steer.calibrate(model, tok, vec, prompts, target=0.005)
+    assert steer.kl_p95(model, tok, vec, coeff, prompts) == pytest.approx(0.005, rel=0.05)
+
+
+def test_an_unknown_method_fails_before_any_forward_pass(tiny):
+    model, tok = tiny
+    with pytest.raises(ValueError, match="unknown steer_method 'svd'"):
+        steer.extract(model, tok, "a", "b", ["Hi"], [0], progress=False, method="svd")
+
+
+def test_the_params_choices_are_the_methods_shl_steer_implements():
+    from shl.params import FIELDS, STEER_METHODS
+    assert set(STEER_METHODS) == set(steer.METHODS)
+    assert FIELDS["steer_method"].metadata["choices"] == list(STEER_METHODS)
+
+
+@pytest.mark.slow
+def test_on_the_embedded_model_every_method_points_the_way_of_pos_minus_neg(embedded):
+    """The sign rule of pca and lda (the majority of the pairs) agrees with the mean difference on
+    real paired states, at every layer of the band."""
+    from shl import demos
+    from shl.params import load_params
+    model, tok = embedded
+    p = load_params("default", n_contexts=32)
+    demo, contexts = demos.load_demo(p), demos.load_contexts(p)
+    layers = steer.band_layers(steer.num_layers(model), p.steer_band)
+    h_pos = steer.last_token_states(model, tok, [chat_prompt(tok, x, demo.pos) for x in contexts], layers, progress=False)
+    h_neg = steer.last_token_states(model, tok, [chat_prompt(tok, x, demo.neg) for x in contexts], layers, progress=False)
+    for layer in layers:
+        mean = steer.mean_diff_direction(h_pos[layer], h_neg[layer])
+        for method in ("pca", "lda"):
+            v = steer.METHODS[method](h_pos[layer], h_neg[layer])
+            assert torch.nn.functional.cosine_similarity(v, mean, dim=0).item() > 0, (method, layer)
