@@ -45,7 +45,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 import shl
-from shl import demos, plots, selectivity, steer
+from shl import demos, plots, report, selectivity, steer
 from shl.generate import generate_texts
 
 P, RUN = shl.start_run(globals(), "01_vector")
@@ -71,6 +71,7 @@ base = shl.evaluate(model, tok, **shl.eval_kwargs(P))
 BASE = shl.log_eval(RUN, base, "base")
 baseline = shl.evaluate(model, tok, system=DEMO.pos, **shl.eval_kwargs(P))
 BASELINE = shl.log_eval(RUN, baseline, "prompt_baseline")
+print(shl.mfv.reads_warning(BASE) or "the base model reads the vignettes (shl.mfv.instrument)")
 pd.DataFrame([BASE, BASELINE]).set_index("stage").round(3)
 
 # %%
@@ -265,7 +266,9 @@ body = "\n\n".join([
     f"Model `{P.model}`, demo `{DEMO.name}` (trait: {TRAIT} {'down' if DEMO.trait_sign < 0 else 'up'}), "
     f"layers {LAYERS}, {len(CONTEXTS)} contexts, eval on {BASE['n']} vignettes. Parameters: `params.yaml`.",
     f"**Verdict (gate 1):** {verdict}.",
-    shl.journal.md_table(evals, ["stage", "coeff", TRAIT, "care_nats", "fairness_nats", "coherence", "top1_acc"]),
+    shl.journal.md_table(evals, ["stage", "coeff", TRAIT, "care_nats", "fairness_nats", "coherence", "top1_acc",
+                                 "trait_probe_gap"]),
+    report.instrument_section([BASE, BASELINE]),
     "![sweep](sweep.png)\n\n![profile](profile_base.png)",
     f"### Steering methods at a matched dose (steer_method: `{P.steer_method}`)\n\n"
     "Each method calibrated to the p95 KL budget, eval at +coeff and −coeff; on, off and selectivity = on − 0.1 off "

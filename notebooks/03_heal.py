@@ -86,6 +86,7 @@ print(f"{len(KEPT)} kept completions; their mean steering coefficient {COEFF:.3f
 # %%
 BASE = shl.log_eval(RUN, shl.evaluate(model, tok, **shl.eval_kwargs(P)), "base")
 BASELINE = shl.log_eval(RUN, shl.evaluate(model, tok, system=DEMO.pos, **shl.eval_kwargs(P)), "prompt_baseline")
+print(shl.mfv.reads_warning(BASE) or "the base model reads the vignettes (shl.mfv.instrument)")
 with steer.steer(model, vec, COEFF):
     STEERED = shl.log_eval(RUN, shl.evaluate(model, tok, **shl.eval_kwargs(P)), "steered", round=0, coeff=COEFF)
 demo_prompts = [shl.chat_prompt(tok, x) for x in DEMO.demo_prompts[:2]]
@@ -194,6 +195,7 @@ body = "\n\n".join([
     f"**Verdict (gate 3):** {VERDICT}.",
     shl.journal.md_table(table.to_dict("records"), list(table.columns)),
     report.headline_text(HEAD),
+    report.instrument_section(shl.read_metrics(RUN)),
     "Heal: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in HEAL.items() if k not in ("stage",)),
     "![heal](heal_r0.png)",
     ("### Ablation\n\n" + shl.journal.md_table(ABLATION, ["reg", "d_trait", "d_coherence", "cost", "final_D"])) if ABLATION else "",

@@ -24,12 +24,13 @@ from matplotlib.ticker import MaxNLocator
 from shl.demos import load_demo
 from shl.journal import JOURNAL, METRICS_FILE, PARAMS_FILE, REPO, _atomic_write, completed_rounds, md_cell, md_table
 from shl.loop import headline
+from shl.mfv import reads_warning
 from shl.params import FIELDS, ParamError, Params, load_params
 from shl.selectivity import round_selectivity
 
 INDEX_FILE, OVERLAY_FILE = "index.md", "index_overlay.png"
 HEADLINE_KEYS = ("d_trait", "d_trait_beyond_null", "off_target_move", "off_target_beyond_null_move", "d_coh", "cost",
-                 "verdict", "verdicts")
+                 "verdict", "verdicts", "probe_d")
 SEL_KEYS = ("healed_on", "healed_off", "healed_selectivity")  # from the eval rows (shl.selectivity)
 # `<date>_<notebook>_<slug>`: the notebook is lower-case words; the slug (a model name) is the
 # first `_` part holding a digit, a dash or a capital, e.g. smollm2-135m-instruct, tiny-random
@@ -108,7 +109,7 @@ def scan_run(run_dir: Path) -> dict:
     """One row: run, notebook, status, rounds, base_coherence, headline (+ its d_trait, d_coh,
     cost, verdict), all_params (None when unreadable)."""
     run_dir = Path(run_dir)
-    row = {"run": run_dir.name, "notebook": notebook_of(run_dir), "rounds": 0, "base_coherence": None,
+    row = {"run": run_dir.name, "notebook": notebook_of(run_dir), "rounds": 0, "base_coherence": None, "reads": None,
            "headline": None, **dict.fromkeys(HEADLINE_KEYS), **dict.fromkeys(SEL_KEYS), "all_params": None}
     problems = []
     p = None
@@ -127,6 +128,8 @@ def scan_run(run_dir: Path) -> dict:
     row["rounds"] = len(completed_rounds(lines))
     base = next((r for r in lines if r.get("stage") == "base"), None)
     row["base_coherence"] = base.get("coherence") if base else None
+    # does the base model read the vignettes (shl.mfv.reads_warning)? None for eval lines older than the check
+    row["reads"] = (not reads_warning(base)) if base and "read_js" in base else None
     if p is not None and lines:
         try:
             demo = load_demo(p)
@@ -188,14 +191,15 @@ def _param_cell(v) -> object:
 def render(rows: list[dict]) -> str:
     """index.md: title, the table, then the problems."""
     keys = list(rows[0]["params"]) if rows else []
-    cols = ["run", "notebook", "status", "rounds done", *keys, "base coh", "d_trait", "beyond null", "off-target",
-            "off beyond null", "d_coh", "cost", "verdict", "all verdicts", "on", "off", "sel"]
+    cols = ["run", "notebook", "status", "rounds done", *keys, "base coh", "reads", "d_trait", "beyond null", "off-target",
+            "off beyond null", "d_coh", "cost", "verdict", "all verdicts", "d_probe", "on", "off", "sel"]
     shown = {"d_trait_beyond_null": "beyond null", "off_target_move": "off-target",
-             "off_target_beyond_null_move": "off beyond null", "verdicts": "all verdicts"}
+             "off_target_beyond_null_move": "off beyond null", "verdicts": "all verdicts", "probe_d": "d_probe"}
     table_rows = []
     for r in rows:
         t = {"run": r["run"], "notebook": r["notebook"], "status": r["status"], "rounds done": r["rounds"],
-             "base coh": r.get("base_coherence"), **{shown.get(k, k): r.get(k) for k in HEADLINE_KEYS}}
+             "base coh": r.get("base_coherence"), "reads": r.get("reads"),
+             **{shown.get(k, k): r.get(k) for k in HEADLINE_KEYS}}
         if isinstance(t["all verdicts"], list):
             t["all verdicts"] = "+".join(t["all verdicts"]) or "pass"
         t.update({"on": r.get("healed_on"), "off": r.get("healed_off"), "sel": r.get("healed_selectivity")})
@@ -210,7 +214,9 @@ def render(rows: list[dict]) -> str:
             "d_coh: the coherence change; cost = |d_coh| / |d_trait|; verdict: the first failure (or pass), all "
             "verdicts: every one that applies (see `shl.loop.headline`). on, off, sel: the same healed model "
             "against base on centred log-probs (the trait's move, the mean |move| of the other foundations, "
-            "on − 0.1 off; `shl.selectivity`).\n\n" + md_table(table_rows, cols) + "\n")
+            "on − 0.1 off; `shl.selectivity`). reads: whether the base model reads the vignettes (`shl.mfv.reads_warning`; "
+            "blank for runs older than the check); d_probe: the healed model's trait-probe gap against base (`shl.probe`)."
+            "\n\n" + md_table(table_rows, cols) + "\n")
     problems = [r for r in rows if r["status"] != "ok"]
     if problems:
         text += "\n## Problems\n\n" + "".join(f"- `{r['run']}`: {r['status']}\n" for r in problems)

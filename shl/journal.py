@@ -168,12 +168,16 @@ def seed_everything(seed: int):
 
 def log_eval(run_dir: Path, result, stage: str, round: int = -1, rows_name: str = "", **extra) -> dict:
     """Append the eval's metrics line and keep its per-vignette rows as evals/<stage>_r<round>.jsonl
-    (or evals/<rows_name>.jsonl, for a stage evaluated more than once per round)."""
+    (or evals/<rows_name>.jsonl, for a stage evaluated more than once per round), and the trait
+    probe's per-item rows beside them as ..._probe.jsonl."""
     record = result.record(stage, round, **extra)
     append_metrics(run_dir, record)
     rows_dir = Path(run_dir) / "evals"
     rows_dir.mkdir(exist_ok=True)
-    write_jsonl(rows_dir / f"{rows_name or f'{stage}_r{round}'}.jsonl", result.rows)
+    name = rows_name or f"{stage}_r{round}"
+    write_jsonl(rows_dir / f"{name}.jsonl", result.rows)
+    if getattr(result, "probe_rows", None):
+        write_jsonl(rows_dir / f"{name}_probe.jsonl", result.probe_rows)
     return record
 
 

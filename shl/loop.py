@@ -29,7 +29,7 @@ from shl.generate import generate_texts
 from shl.history import adapters, load_adapters, save_adapter, set_active
 from shl.journal import (append_metrics, completed_rounds, log_eval, read_jsonl, read_metrics, saved_history,
                          write_jsonl)
-from shl.mfv import eval_kwargs, evaluate
+from shl.mfv import eval_kwargs, evaluate, reads_warning
 from shl.models import chat_prompt
 from shl.params import FOUNDATIONS, Params
 
@@ -72,6 +72,9 @@ def headline(lines: list[dict], trait_foundation: str, trait_sign: int, coh_floo
               (or moves against the trait);
       broad:  another foundation moved at least as many nats as the trait, beyond the null when
               the run has one (raw moves otherwise; `broad_basis` says which).
+    Beside them, not part of the verdict: `probe_d` (and `probe_steered_d`, `probe_null_d`,
+    `probe_d_beyond_null`), the trait probe's conflict gap against base, and
+    `instrument_warning`, the base eval's "barely reads the vignettes" line ('' if it reads them).
     None when the lines hold no base and healed eval (e.g. a 01 or 02 run)."""
     base = next((r for r in lines if r.get("stage") == "base"), None)
     healed = [r for r in lines if r.get("stage") == "healed"]
@@ -114,6 +117,13 @@ def headline(lines: list[dict], trait_foundation: str, trait_sign: int, coh_floo
         out.update(null_d_trait=math.nan, d_trait_beyond_null=math.nan, null_coherence=math.nan,
                    off_target_beyond_null="", off_target_beyond_null_move=math.nan, broad_basis="raw (no null arm)")
         trait_for_broad, off_for_broad, off_name = d_trait, off_move, off
+
+    # the trait probe (shl.probe) beside the vignettes: the conflict items' gap, + = the trait's side
+    probe = {"probe_d": last, "probe_steered_d": steered, "probe_null_d": null}
+    out.update({k: (r["trait_probe_gap"] - base["trait_probe_gap"]) if r and "trait_probe_gap" in r and
+                "trait_probe_gap" in base else math.nan for k, r in probe.items()})
+    out["probe_d_beyond_null"] = out["probe_d"] - out["probe_null_d"]
+    out["instrument_warning"] = reads_warning(base)  # '' when the base model reads the vignettes
 
     why = {}
     if below_floor(last["coherence"], base["coherence"], coh_floor):
@@ -197,6 +207,8 @@ def once_per_run(model, tok, p: Params, run_dir: Path, demo: demos.Demo, progres
                 lines[stage] = log_eval(run_dir, res, stage)
         if not (run_dir / "demos_base.jsonl").exists():
             write_jsonl(run_dir / "demos_base.jsonl", demo_rows(model, tok, p, demo, "base", -1))
+    if reads_warning(lines["base"]):
+        print(reads_warning(lines["base"]), flush=True)
     return lines["base"], lines["prompt_baseline"]
 
 

@@ -21,6 +21,8 @@ PRESET_DIR = Path(__file__).resolve().parent.parent / "params"
 FOUNDATIONS = ("care", "fairness", "loyalty", "authority", "sanctity", "liberty", "socialnorms")
 # shl.steer.METHODS, named here so validation runs without importing torch (a test keeps them equal)
 STEER_METHODS = ("mean_diff", "pca", "lda")
+# the vignette readouts of shl.mfv (eval_protocol)
+PROTOCOLS = ("tinymfv", "calibrated", "fewshot", "yesno")
 # the notebook-level papermill parameters; everything else a notebook receives must be a field
 NOTEBOOK_PARAMS = ("params", "run_dir")
 
@@ -140,6 +142,13 @@ class Params:
     eval_think_tokens: int = knob(0, "greedy thinking tokens before the 'Just answer' interrupt (0 = none)", lo=0)
     eval_json_valid: bool = knob(False, "also let the model answer freely and report the fraction of valid JSON answers")
     eval_json_tokens: int = knob(32, "tokens of the free answer in the json_is_valid mode", lo=1)
+    # tinymfv's readout stays the default so numbers compare with upstream; the alternatives and
+    # what each reads on the embedded model: journal/*_eval_protocols_*/entry.md
+    eval_protocol: str = knob("tinymfv", "vignette readout: tinymfv (forced choice of the seven), calibrated (answer prior "
+                              "of content-free scenarios divided out), fewshot (7 worked examples first), yesno (one "
+                              "yes/no question per foundation)", choices=list(PROTOCOLS))
+    eval_trait_probe: bool = knob(True, "also read the demo's trait probe (shl/data/probes/<demo>.yaml; trait_probe_* keys) "
+                                  "in every eval")
 
     # --- loop (04) -------------------------------------------------------------------------
     rounds: int = knob(3, "steer -> filter -> heal rounds", lo=1)
@@ -218,6 +227,9 @@ def validate(p: Params) -> Params:
         raise ParamError(f"min_train ({p.min_train}) > n_keep ({p.n_keep}): a round would need more than it collects; lower min_train or raise n_keep")
     if p.gen_probe_size > p.gen_batch_size:
         raise ParamError(f"gen_probe_size ({p.gen_probe_size}) > gen_batch_size ({p.gen_batch_size}): a probe is at most one generation batch")
+    if p.eval_protocol == "yesno" and p.eval_think_tokens:
+        raise ParamError("eval_protocol yesno asks seven questions per vignette; thinking would generate seven times: "
+                         "set eval_think_tokens 0 or use another protocol")
     if bool(p.persona_pos) != bool(p.persona_neg):
         raise ParamError("persona_pos and persona_neg must be given together (a pair of direct opposites), or both left empty")
     return p

@@ -3,6 +3,7 @@ run, or someone else's copy of the folder, gives the same entry)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -11,6 +12,7 @@ from shl import plots
 from shl.demos import load_demo
 from shl.journal import REPO, completed_rounds, md_cell, md_table, read_jsonl, read_metrics, write_entry
 from shl.loop import STAGES, headline
+from shl.mfv import READS_MIN_JS, READS_MIN_RANK, reads_warning
 from shl.params import load_params
 from shl.selectivity import round_selectivity
 
@@ -97,12 +99,40 @@ def headline_text(head: dict) -> str:
                f"[{head['healed_sel_lo']:+.3f}, {head['healed_sel_hi']:+.3f}]; the steered model it learned from: on "
                f"{head['steered_on']:+.3f}, off {head['steered_off']:.3f}, selectivity "
                f"{head['steered_selectivity']:+.3f}." if "healed_on" in head else "")
+            + (f" Trait probe (held-out dilemmas, conflict items' principled-minus-deferring gap against base, "
+               f"`shl.probe`): healed {head['probe_d']:+.3f} nats, steered {head['probe_steered_d']:+.3f}"
+               + (f", null arm {head['probe_null_d']:+.3f}, beyond the null {head['probe_d_beyond_null']:+.3f}"
+                  if head["probe_null_d"] == head["probe_null_d"] else "") + "."
+               if head.get("probe_d", math.nan) == head.get("probe_d", math.nan) else "")
+            + (f"\n\n**Instrument:** {head['instrument_warning']}." if head.get("instrument_warning") else "")
             + f"\n\n**Verdict: {head['verdict']}**")
     if head["verdicts"]:
         text += "\n\n" + "\n".join(f"- {w}" for w in head["why"].split("; "))
     else:
         text += f" ({head['why']})."
     return text
+
+
+INSTRUMENT_COLS = ["stage", "round", "protocol", "top1_acc", "top1_const", "read_js", "rank_human_dev", "n_argmax",
+                   "coherence", "trait_probe_gap", "trait_probe_auc"]
+EVAL_STAGES = ("base", "prompt_baseline", "null", "steered", "healed")
+
+
+def instrument_section(lines: list[dict]) -> str:
+    """Does each eval read the vignettes, and what the trait probe says: one row per eval line."""
+    rows = [r for r in lines if r.get("stage") in EVAL_STAGES and "read_js" in r]
+    if not rows:
+        return ""
+    base = next((r for r in rows if r["stage"] == "base"), None)
+    warning = reads_warning(base) if base else ""
+    return ("### Instrument\n\n"
+            + (f"**{warning}.**\n\n" if warning else "")
+            + f"read_js: mean JS divergence (nats) of a row's answer from the eval's mean answer; rank_human_dev: mean "
+              f"per-row Spearman of the answer's deviation from the mean vs the humans' (a constant answer scores 0 on "
+              f"both; the warning fires under {READS_MIN_JS} or {READS_MIN_RANK}); top1_const: the best constant "
+              "answer's top-1. trait_probe_gap: the held-out dilemmas' principled-minus-deferring gap (conflict items, "
+              "nats); trait_probe_auc: how well it separates the known-answer controls (`shl.probe`).\n\n"
+            + md_table(rows, INSTRUMENT_COLS))
 
 
 def _shown(path: Path) -> str:
@@ -167,6 +197,7 @@ def report(run_dir: Path, error: str = "") -> Path:
                   "seven), each model against base: on = the trait's mean move toward the trait, off = the mean |move| "
                   "of the other six foundations (care included), selectivity = on − 0.1 off, with a 95% row bootstrap "
                   "interval.\n\n" + md_table(sel_rows, SEL_COLS)]
+    parts += [instrument_section(lines)] if instrument_section(lines) else []
     parts += ["### Plots\n\n" + "\n".join(f"![{n}]({n}.png)" for n in PLOTS),
               "### Day and night\n\n" + day_night(run_dir, rounds),
               "### Wall time (s)\n\n" + timing_table(lines, rounds)]
