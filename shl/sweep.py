@@ -513,20 +513,24 @@ def rows(spec: dict, points: list[Point]) -> tuple[list[dict], list[str]]:
         coh, base = h.get("coherence"), h.get("base_coherence")
         out.append({"point": pt.label, "state": pt.record.get("state", "not launched"), "status": r["status"],
                     "rounds done": r["rounds"], **{k: pt.params.get(k) for k in keys},
-                    "d_trait": h.get("d_trait"), "coh x base": coh / base if coh is not None and base else None,
-                    "cost": h.get("cost"), "verdict": h.get("verdict"), "seconds": pt.record.get("seconds"),
+                    "d_trait": h.get("d_trait"), "beyond null": h.get("d_trait_beyond_null"),
+                    "off beyond null": h.get("off_target_beyond_null_move"),
+                    "coh x base": coh / base if coh is not None and base else None,
+                    "cost": h.get("cost"), "verdict": h.get("verdict"), "all verdicts": h.get("verdicts"),
+                    "seconds": pt.record.get("seconds"),
                     "run": pt.run_dir})
     return out, keys
 
 
 def render_table(spec: dict, table: list[dict], keys: list[str], sweep_dir: Path) -> str:
-    cols = ["point", "state", "rounds done", *keys, "d_trait", "coh x base", "cost", "verdict", "seconds", "run"]
+    cols = ["point", "state", "rounds done", *keys, "d_trait", "beyond null", "off beyond null", "coh x base", "cost",
+            "verdict", "all verdicts", "seconds", "run"]
     cells = []
     for r in table:
         link = os.path.relpath(r["run"], sweep_dir)
         c = {k: md_cell(v) for k, v in r.items() if k not in keys and k != "run"}
         c.update({k: index._param_cell(r[k]) for k in keys})
-        c["verdict"] = md_cell(", ".join(map(str, r["verdict"])) if isinstance(r["verdict"], list) else r["verdict"])
+        c["all verdicts"] = md_cell(("+".join(r["all verdicts"]) or "pass") if isinstance(r["all verdicts"], list) else "")
         c["seconds"] = f"{r['seconds']:.0f}" if r["seconds"] is not None else ""
         c["run"] = f"[{r['run'].name}]({link})"
         cells.append(c)
@@ -534,8 +538,10 @@ def render_table(spec: dict, table: list[dict], keys: list[str], sweep_dir: Path
     text = (f"# Sweep {spec['name']}\n\n`{spec['notebook']}`, preset `{spec['params']}`, fixed: {fixed}. "
             "Regenerate with `python -m shl.sweep <spec> --table`.\n\n"
             "One row per point. d_trait: the last healed model's move toward the trait vs base (nats); "
-            "coh x base: its coherence over base coherence; cost = |d_coh| / |d_trait|; verdict: see "
-            "`shl.loop.headline`; seconds: wall time of the point's jobs in this sweep.\n\n"
+            "beyond null: the same minus the null control arm's move; off beyond null: the largest move of another "
+            "foundation beyond the null; coh x base: its coherence over base coherence; cost = |d_coh| / |d_trait|; "
+            "verdict: the first failure (or pass), all verdicts: every one that applies (see `shl.loop.headline`); "
+            "seconds: wall time of the point's jobs in this sweep.\n\n"
             + md_table(cells, cols) + "\n")
     problems = [r for r in table if r["status"] not in ("ok",)]
     if problems:

@@ -242,7 +242,8 @@ def test_a_killed_point_resumes_on_relaunch_and_no_point_runs_twice(tmp_path):
     table = (journal / "sweeps/tiny2x2/table.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| lam=")]
     assert len(rows) == 4 and all("| finished | 2 |" in r for r in rows)
-    assert "| point | state | rounds done | seed | lam | d_trait | coh x base | cost | verdict | seconds | run |" in table
+    assert ("| point | state | rounds done | seed | lam | d_trait | beyond null | off beyond null | coh x base | cost | verdict "
+            "| all verdicts | seconds | run |") in table
     assert (journal / "sweeps/tiny2x2/pareto.png").exists()
 
 
