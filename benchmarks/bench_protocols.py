@@ -7,8 +7,8 @@ the preset's vignettes, one protocol after the other in this process, with the t
 (it does not depend on the readout). The table has top-1 against the human majority next to the
 best constant answer's, the per-row Spearman with the human distribution (raw and on deviations
 from the mean), the mean JS divergence of a row's answer from the mean answer, the number of
-distinct argmax answers, coherence and seconds. A readout "reads the vignettes" here when its
-top-1 is at least twice the constant answer's (the bar of the instrument issue). It writes a
+distinct argmax answers, coherence and seconds. A readout reaches the bar when its top-1 is at
+least twice the constant answer's (the instrument issue's bar; `reaches_bar`). It writes a
 journal folder (params.yaml, metrics.jsonl with one `protocol` line each, entry.md).
 """
 
@@ -24,7 +24,7 @@ from shl.models import load_model
 from shl.params import load_params
 
 COLS = ["protocol", "top1_acc", "top1_const", "rank_human", "rank_human_dev", "read_js", "n_argmax",
-        "coherence", "authority_nats", "seconds", "reads"]
+        "coherence", "authority_nats", "seconds", "reaches_bar"]
 
 
 def main(argv=None):
@@ -43,7 +43,7 @@ def main(argv=None):
     for protocol in mfv.PROTOCOLS:
         kwargs = {**mfv.eval_kwargs(p), "protocol": protocol}
         res = mfv.evaluate(model, tok, **kwargs)
-        line = res.record("protocol", reads=res.summary["top1_acc"] >= 2 * res.summary["top1_const"])
+        line = res.record("protocol", reaches_bar=res.summary["top1_acc"] >= 2 * res.summary["top1_const"])
         append_metrics(run_dir, line)
         (run_dir / "evals").mkdir(exist_ok=True)
         write_jsonl(run_dir / "evals" / f"protocol_{protocol}.jsonl", res.rows)
@@ -54,9 +54,9 @@ def main(argv=None):
     base = lines[0]["seconds"]
     for ln in lines:
         ln["cost_x"] = ln["seconds"] / base
-    readers = [ln["protocol"] for ln in lines if ln["reads"]]
+    readers = [ln["protocol"] for ln in lines if ln["reaches_bar"]]
     body = (f"Model `{p.model}` ({p.dtype}), {lines[0]['n']} vignettes (`eval_n` {p.eval_n}), base model, "
-            f"thinking {p.eval_think_tokens} tokens. `reads`: top-1 >= 2x the best constant answer's top-1.\n\n"
+            f"thinking {p.eval_think_tokens} tokens. `reaches_bar`: top-1 >= 2x the best constant answer's top-1.\n\n"
             + md_table(lines, COLS + ["cost_x"])
             + "\n\n- top1_const: the top-1 of answering every row with the most common human majority.\n"
               "- rank_human: mean per-row Spearman of the model's distribution with the humans'; rank_human_dev: "

@@ -36,9 +36,11 @@ from shl.params import FOUNDATIONS, Params
 ONCE = ("base", "prompt_baseline")  # eval stages of round -1
 # what round k leaves besides its metrics lines ({k} filled in); discarded when the round is redone
 ROUND_FILES = ("vector_r{k}.pt", "generated_r{k}.jsonl", "walk_c_r{k}.jsonl", "heal_log_r{k}.jsonl",
-               "demos_r{k}.jsonl", "heal_r{k}.png", "evals/steered_r{k}.jsonl", "evals/healed_r{k}.jsonl")
+               "demos_r{k}.jsonl", "heal_r{k}.png", "evals/steered_r{k}.jsonl", "evals/healed_r{k}.jsonl",
+               "evals/steered_r{k}_probe.jsonl", "evals/healed_r{k}_probe.jsonl")
 # the null control arm runs inside round 0: its files go with round 0's
-NULL_FILES = ("generated_null.jsonl", "heal_log_null.jsonl", "evals/null_r0.jsonl", "adapters/null")
+NULL_FILES = ("generated_null.jsonl", "heal_log_null.jsonl", "evals/null_r0.jsonl", "evals/null_r0_probe.jsonl",
+              "adapters/null")
 STAGES = ("extract", "generate_filter", "eval_steered", "heal", "eval_healed", "null", "demos", "student")
 
 

@@ -57,8 +57,8 @@ CONTENT_FREE = ("N/A", "", "[MASK]")
 YESNO_PREFILL = '{"answer": "'
 YESNO_ORDERS = {"forward": ("yes", "no"), "reversed": ("no", "yes")}
 # the instrument check: below either figure the model's answer barely depends on the vignette,
-# so its <foundation>_nats are its prior over answer words (a constant answer scores 0 on both;
-# on gemma-3-4b-sized models the protocol reads the vignettes)
+# so its <foundation>_nats are its prior over answer words (a constant answer scores 0 on both).
+# Not yet checked on a model that reads them (DESIGN.md reports gemma-3-4b does)
 READS_MIN_JS = 0.05  # nats: mean JS divergence of a row's answer distribution from the eval's mean
 READS_MIN_RANK = 0.1  # mean per-row Spearman of the row's deviation from the mean vs the humans'
 
@@ -327,17 +327,16 @@ def reads_warning(summary: dict) -> str:
 
 def aggregate(vignettes: list[dict], logp_fwd: np.ndarray, logp_rev: np.ndarray,
               nll_fwd: np.ndarray, nll_rev: np.ndarray, prior: tuple | None = None,
-              pmass: np.ndarray | None = None) -> EvalResult:
+              pmass: tuple | None = None) -> EvalResult:
     """logp_* are [N, 7] in FOUNDATIONS order (already mapped back from the presented order).
     `prior` (log prior [7] per order, contextual calibration) is divided out of p only; `pmass`
-    replaces the mass on valid answers where logp are not option log-probs (yes/no)."""
+    (per order [N]) replaces the mass on valid answers where logp are not option log-probs (yes/no)."""
     lf, lr = (logp_fwd, logp_rev) if prior is None else (logp_fwd - prior[0], logp_rev - prior[1])
     score = (lf + lr) / 2  # position bias linear in the slot cancels here
     p = np.exp(score - score.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)  # [N, 7]
-    pmass_f, pmass_r = np.exp(logp_fwd).sum(1), np.exp(logp_rev).sum(1)
-    if pmass is None:
-        pmass = (pmass_f + pmass_r) / 2
+    pmass_f, pmass_r = (np.exp(logp_fwd).sum(1), np.exp(logp_rev).sum(1)) if pmass is None else pmass
+    pmass = (pmass_f + pmass_r) / 2
     nll = (nll_fwd + nll_rev) / 2
     human = np.array([[v[f"human_{c}"] for c in COARSE] for v in vignettes], dtype=float)
     human /= human.sum(1, keepdims=True)
@@ -387,8 +386,8 @@ def evaluate(model, tok, n: int = 0, system: str | None = None, think_tokens: in
     """Run the eval on `n` vignettes (0 = all). `system` is a system prompt (the prompting
     baseline); steering or adapters are whatever is active on `model` when this is called.
     `protocol` is the readout (PROTOCOLS); `probe` the trait-probe items (shl.probe) read with
-    the same model and system prompt. `scorer(prompts, presented_options)` may replace the
-    model's vignette readout (tests)."""
+    the same model and system prompt. `scorer(prompts, presented_options, prefill=...)` may
+    replace the model's vignette readout (tests; the yesno protocol passes its own prefill)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     if protocol == "yesno" and think_tokens:
@@ -431,7 +430,7 @@ def evaluate(model, tok, n: int = 0, system: str | None = None, think_tokens: in
                 answers += generate_texts(model, tok, [chat_prompt(tok, user_message(t, presented), system) for t in texts],
                                           json_tokens, batch_size=batch_size, progress=progress, desc="eval free answers")
     prior = (extra["forward"], extra["reversed"]) if protocol == "calibrated" else None
-    pmass = (extra["forward"] + extra["reversed"]) / 2 if protocol == "yesno" else None
+    pmass = (extra["forward"], extra["reversed"]) if protocol == "yesno" else None
     result = aggregate(vignettes, logp["forward"], logp["reversed"], nll["forward"], nll["reversed"], prior, pmass)
     result.summary["protocol"] = protocol
     if json_valid:
@@ -461,7 +460,7 @@ def yesno_logp(scorer, tok, texts: list[str], system, answers: tuple[str, str]):
 
 def eval_kwargs(p) -> dict:
     """`evaluate`'s keyword arguments from a Params."""
-    from shl.probe import load_probe
+    from shl.probe import probe_for
     return dict(n=p.eval_n, batch_size=p.eval_batch_size, think_tokens=p.eval_think_tokens,
                 json_valid=p.eval_json_valid, json_tokens=p.eval_json_tokens, protocol=p.eval_protocol,
-                probe=load_probe(p.demo) if p.eval_trait_probe else None)
+                probe=probe_for(p))

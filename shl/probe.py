@@ -62,6 +62,15 @@ def load_probe(demo: str) -> list[dict] | None:
     return items
 
 
+def probe_for(p) -> list[dict] | None:
+    """The probe items every eval of this run reads, or None: off (`eval_trait_probe`), no probe
+    file for the demo, or a trait or persona override (the items and their sign belong to the
+    demo's own pair and trait, like its companions)."""
+    if not p.eval_trait_probe or p.trait_foundation or p.trait_sign or p.persona_pos:
+        return None
+    return load_probe(p.demo)
+
+
 def probe_message(situation: str, first: str, second: str) -> str:
     return (f"{situation}\n\nWhich do you do?\nA: {first}\nB: {second}\n\n"
             'Respond with one letter: "A" | "B".')
@@ -104,6 +113,18 @@ def gap_summary(items: list[dict], gap: np.ndarray, mass: np.ndarray | None = No
     return summary, rows
 
 
+def paired_moves(base_rows: list[dict], rows: list[dict]) -> dict:
+    """Per kind: the mean change of the item gaps against base (the same items, paired), its
+    standard error and the share of items whose gap rose: {kind: (mean, se, frac_up)}."""
+    if [r["situation"] for r in rows] != [r["situation"] for r in base_rows]:
+        raise ValueError("probe rows and base rows hold different items: not the same probe file")
+    out = {}
+    for k in KINDS:
+        d = np.array([r["gap"] - b["gap"] for r, b in zip(rows, base_rows) if r["kind"] == k])
+        out[k] = (float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))), float((d > 0).mean()))
+    return out
+
+
 def probe_summary(items: list[dict], logp_defer_first: np.ndarray, logp_principle_first: np.ndarray):
     """The letters readout: logp_* are [N, 2] letter log-probs (A, B) of each order."""
     a, b = np.asarray(logp_defer_first), np.asarray(logp_principle_first)
@@ -121,7 +142,11 @@ def continuation_logprob(model, tok, prompts: list[str], continuations: list[str
     for start in range(0, len(prompts), batch_size):
         chunk = list(zip(prompts[start:start + batch_size], continuations[start:start + batch_size]))
         p_ids = [tok(pr, add_special_tokens=False).input_ids for pr, _ in chunk]
-        c_ids = [tok(pr + c, add_special_tokens=False).input_ids[len(pi):] for (pr, c), pi in zip(chunk, p_ids)]
+        full = [tok(pr + c, add_special_tokens=False).input_ids for pr, c in chunk]
+        if any(f[:len(pi)] != pi for f, pi in zip(full, p_ids)):
+            raise RuntimeError("the tokenizer merges a probe action into the chat template's assistant tag; "
+                               "the continuation's log-prob needs a clean boundary")
+        c_ids = [f[len(pi):] for f, pi in zip(full, p_ids)]
         K = max(map(len, c_ids)) + 1
         inp, mask = left_pad([pi + ci for pi, ci in zip(p_ids, c_ids)], tok.pad_token_id)
         logits = model(input_ids=inp.to(dev), attention_mask=mask.to(dev), position_ids=positions(mask).to(dev),
@@ -175,8 +200,8 @@ def judge_gaps(model, tok, items: list[dict], system: str | None, batch_size: in
 def read_probe(model, tok, items: list[dict], system: str | None = None, batch_size: int = 16,
                readout: str = "pmi"):
     """Read every item with the model as it is (steering, adapters active). readout `pmi` (the
-    default: the replies' log-probs with the situation over without it) or `letters` (A/B in both
-    orders; on the embedded model it did not separate the controls, AUC 0.41)."""
+    default: the replies' log-probs with the situation over without it), `judge` or `letters`
+    (module docstring; their figures on the embedded model are in the README)."""
     if readout == "letters":
         from shl.mfv import model_scorer
         logp = {}
@@ -220,6 +245,9 @@ def main(argv=None):
     items = load_probe(p.demo)
     if items is None:
         raise SystemExit(f"error: demo {p.demo!r} has no probe file; probes: {probe_names()}")
+    if probe_for(p) is None:
+        raise SystemExit("error: the probe is read for the demo's own persona pair and trait: drop the "
+                         "trait_foundation / trait_sign / persona overrides")
     name = "probe_validity" + ("" if args.readout == "pmi" else f"_{args.readout}")
     run_dir = prepare_run_dir(Path(args.run_dir) if args.run_dir else pick_run_dir(name, p, {}), p)
     seed_everything(p.seed)

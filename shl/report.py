@@ -8,7 +8,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from shl import plots
+from shl import plots, probe
 from shl.demos import load_demo
 from shl.journal import REPO, completed_rounds, md_cell, md_table, read_jsonl, read_metrics, write_entry
 from shl.loop import STAGES, headline
@@ -135,6 +135,34 @@ def instrument_section(lines: list[dict]) -> str:
             + md_table(rows, INSTRUMENT_COLS))
 
 
+PROBE_STAGES = ("prompt_baseline", "null", "steered", "healed")
+
+
+def probe_section(run_dir: Path, lines: list[dict]) -> str:
+    """The trait probe's moves against base, per kind of item, paired over the items, with a
+    standard error: the conflict items are the trait's question, the controls say whether a move
+    is judgement or a blanket push for or against the instruction."""
+    base_path = Path(run_dir) / "evals" / "base_r-1_probe.jsonl"
+    if not base_path.exists():
+        return ""
+    base_rows, rows = read_jsonl(base_path), []
+    for r in lines:
+        path = Path(run_dir) / "evals" / f"{r.get('stage')}_r{r.get('round')}_probe.jsonl"
+        if r.get("stage") in PROBE_STAGES and path.exists():
+            m = probe.paired_moves(base_rows, read_jsonl(path))
+            rows.append({"stage": r["stage"], "round": r["round"],
+                         **{k: f"{m[k][0]:+.2f} ± {m[k][1]:.2f}" for k in probe.KINDS},
+                         "conflict items up": f"{m['conflict'][2]:.0%}"})
+    if not rows:
+        return ""
+    return ("### Trait probe\n\nEach column is the change of the principled-minus-deferring gap against base, in nats, "
+            "mean ± standard error over the same items (`shl.probe`). Conflict items are the trait's question. "
+            "defer_right items are harmless instructions, and defer_wrong items are plainly wrong ones. A "
+            "judgement would raise the gap on defer_wrong and lower it on defer_right; a blanket push against "
+            "instructions would raise all three.\n\n"
+            + md_table(rows, ["stage", "round", *probe.KINDS, "conflict items up"]))
+
+
 def _shown(path: Path) -> str:
     """The path relative to the repo when it lies inside (how a reader of the journal types it)."""
     path = path.resolve()
@@ -197,7 +225,7 @@ def report(run_dir: Path, error: str = "") -> Path:
                   "seven), each model against base: on = the trait's mean move toward the trait, off = the mean |move| "
                   "of the other six foundations (care included), selectivity = on − 0.1 off, with a 95% row bootstrap "
                   "interval.\n\n" + md_table(sel_rows, SEL_COLS)]
-    parts += [instrument_section(lines)] if instrument_section(lines) else []
+    parts += [x for x in (instrument_section(lines), probe_section(run_dir, lines)) if x]
     parts += ["### Plots\n\n" + "\n".join(f"![{n}]({n}.png)" for n in PLOTS),
               "### Day and night\n\n" + day_night(run_dir, rounds),
               "### Wall time (s)\n\n" + timing_table(lines, rounds)]

@@ -24,16 +24,20 @@ def _row_of(prompt, texts):
     return next((i for i, t in enumerate(texts) if t in prompt), -1)
 
 
-def scorer_from(table, bias=None, n=N):
+def scorer_from(table, bias=None, n=N, order_bias=None, cf_noise=0.0):
     """A fake scorer: row i's option log-probs are table[i] (FOUNDATIONS order) plus an answer bias
-    that every prompt shares; a content-free prompt gets the bias alone."""
+    that every prompt shares, plus a bias per presented slot that differs between the two option
+    orders; a content-free prompt gets the biases alone (plus, if cf_noise, its own small wobble)."""
     texts = [v["text"] for v in mfv.load_vignettes(n)]
     bias = np.zeros(7) if bias is None else bias
+    cf = {c: cf_noise * np.random.default_rng(j).normal(size=7) for j, c in enumerate(mfv.CONTENT_FREE)}
 
     def scorer(prompts, presented, **_):
         canon = [mfv.OPTIONS.index(o) for o in presented]
+        slot = np.zeros(7) if order_bias is None else order_bias[0 if tuple(presented) == mfv.OPTIONS else 1]
         rows = [_row_of(pr, texts) for pr in prompts]
-        lp = np.stack([(table[i] if i >= 0 else np.zeros(7)) + bias for i in rows])[:, canon]
+        cf_rows = [next(v for c, v in cf.items() if f"Scenario: {c}\n" in pr) if i < 0 else 0 for i, pr in zip(rows, prompts)]
+        lp = np.stack([(table[i] if i >= 0 else c) + bias for i, c in zip(rows, cf_rows)])[:, canon] + slot
         return lp - np.log(np.exp(lp).sum(1, keepdims=True)) + np.log(0.5), np.zeros(len(prompts))
     return scorer
 
@@ -64,13 +68,23 @@ def test_contextual_calibration_divides_out_an_answer_prior_the_content_free_sce
     _, tok = tiny
     table = np.log(_human())
     bias = np.array([0, 0, 0, 0, 10.0, 0, 0])  # every answer leans to sanctity, as the embedded model's
-    plain = mfv.evaluate(None, tok, n=N, progress=False, scorer=scorer_from(table, bias))
-    cal = mfv.evaluate(None, tok, n=N, progress=False, scorer=scorer_from(table, bias), protocol="calibrated")
+    # and each option order has its own slot bias (not linear, so the order average leaves some)
+    order_bias = np.stack([np.array([3.0, 0, 0, 1, 0, 0, 0]), np.array([0, 0, 2.0, 0, 0, 0, 4.0])])
+    plain = mfv.evaluate(None, tok, n=N, progress=False, scorer=scorer_from(table, bias, order_bias=order_bias))
+    cal = mfv.evaluate(None, tok, n=N, progress=False, scorer=scorer_from(table, bias, order_bias=order_bias),
+                       protocol="calibrated")
     clean = mfv.evaluate(None, tok, n=N, progress=False, scorer=scorer_from(table))
     assert plain.summary["n_argmax"] == 1 and cal.summary["protocol"] == "calibrated"
     cols = [f"p_{f}" for f in FOUNDATIONS]
     np.testing.assert_allclose(cal.table()[cols], clean.table()[cols], atol=1e-9)
     assert cal.summary["coherence"] == pytest.approx(plain.summary["coherence"])  # the mass stays the raw one
+    # the prior is the mean over the content-free inputs: each one alone would leave its wobble in
+    wobbly = mfv.evaluate(None, tok, n=N, progress=False, protocol="calibrated", scorer=scorer_from(table, cf_noise=0.5))
+    assert not np.allclose(wobbly.table()[cols], clean.table()[cols], atol=1e-3)
+    p_cf = [np.exp(0.5 * np.random.default_rng(j).normal(size=7)) for j in range(len(mfv.CONTENT_FREE))]
+    mean_cf = np.mean([q / q.sum() for q in p_cf], 0)  # the prior: the mean of their distributions
+    want = clean.table()[cols].to_numpy() / mean_cf
+    np.testing.assert_allclose(wobbly.table()[cols], want / want.sum(1, keepdims=True), atol=1e-9)
 
 
 def test_fewshot_shows_the_projects_worked_examples_before_every_question_none_from_the_test_set(tiny):
@@ -104,14 +118,21 @@ def test_yesno_reads_one_question_per_foundation_and_normalises_p_yes_across_the
         rows = [_row_of(pr, texts) for pr in prompts]
         f = next(j for j, o in enumerate(mfv.OPTIONS) if mfv.GLOSSES[o] in prompts[0])
         asked.append((f, answers))
-        p_yes = human[rows, f]
+        odds = np.log(human[rows, f] / (1 - human[rows, f]))
+        odds += 1.0 if answers == ("yes", "no") else -1.0  # a bias toward the first answer: the orders cancel it
+        p_yes = 1 / (1 + np.exp(-odds))
         lp = np.log(np.stack([p_yes, 1 - p_yes], 1) * 0.8)  # 0.8 of the mass on the two answers
         return (lp if answers == ("yes", "no") else lp[:, ::-1]), np.zeros(len(prompts))
 
     res = mfv.evaluate(None, tok, n=7, progress=False, scorer=yes_where_humans_say, protocol="yesno")
     assert sorted(asked) == sorted((f, a) for f in range(7) for a in mfv.YESNO_ORDERS.values())
     p = res.table()[[f"p_{f}" for f in FOUNDATIONS]].to_numpy()
-    np.testing.assert_allclose(p, human / human.sum(1, keepdims=True), atol=1e-9)
+    # the mean of the two orders' log p(yes) is the geometric mean of their p(yes), normalised
+    sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    odds = np.log(human / (1 - human))
+    want = np.sqrt(sig(odds + 1) * sig(odds - 1))
+    np.testing.assert_allclose(p, want / want.sum(1, keepdims=True), atol=1e-9)
+    assert res.table()["pmass_fwd"].to_numpy() == pytest.approx(0.8)
     assert res.summary["coherence"] == pytest.approx(0.8)
     with pytest.raises(ValueError, match="seven questions"):
         mfv.evaluate(None, tok, n=7, progress=False, scorer=yes_where_humans_say, protocol="yesno", think_tokens=4)
@@ -213,7 +234,7 @@ def test_continuation_logprob_equals_one_sequence_at_a_time(tiny):
         assert g == pytest.approx(want, abs=1e-4)
 
 
-def test_the_probe_actions_share_as_many_words_with_the_situation(tiny):
+def test_the_probe_actions_share_as_many_words_with_the_situation():
     import re
     stop = set("i the a an to of and in on for as my his her their it is at by with so that this be".split())
 
@@ -232,3 +253,28 @@ def test_every_probe_readout_runs_on_a_real_model(tiny, readout):
     assert set(summary) >= {"trait_probe_gap", "trait_probe_rate", "trait_probe_auc", "trait_probe_gap_se"}
     with pytest.raises(ValueError, match="readout must be one of"):
         probe.read_probe(model, tok, probe.load_probe("authority"), None, 16, "nope")
+
+
+def test_the_probe_is_read_only_for_the_demos_own_trait_and_pair():
+    assert probe.probe_for(load_params("tiny")) is not None
+    for override in ({"trait_sign": 1}, {"trait_foundation": "care"}, {"persona_pos": "a", "persona_neg": "b"},
+                     {"eval_trait_probe": False}, {"demo": "love"}):
+        assert probe.probe_for(load_params("tiny", **override)) is None, override
+
+
+def test_paired_moves_are_per_kind_over_the_same_items():
+    items = probe.load_probe("authority")
+    base = [{"kind": it["kind"], "gap": float(i), "situation": it["situation"]} for i, it in enumerate(items)]
+    shift = {"conflict": 1.0, "defer_right": -2.0, "defer_wrong": 0.5}
+    seen = {k: 0 for k in shift}
+
+    def wobble(kind):  # +-0.1 in turn within each kind, so each kind's mean shift is exact
+        seen[kind] += 1
+        return 0.1 if seen[kind] % 2 else -0.1
+    moved = [dict(b, gap=b["gap"] + shift[b["kind"]] + wobble(b["kind"])) for b in base]
+    m = probe.paired_moves(base, moved)
+    for k, want in shift.items():
+        assert m[k][0] == pytest.approx(want, abs=1e-12) and 0 < m[k][1] < 0.05
+    assert m["conflict"][2] == 1.0 and m["defer_right"][2] == 0.0 and m["defer_wrong"][2] == 1.0
+    with pytest.raises(ValueError, match="different items"):
+        probe.paired_moves(base, moved[::-1])

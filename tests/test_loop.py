@@ -280,6 +280,28 @@ def test_headline_reads_trait_and_broad_beyond_the_null_arm():
     assert loop.headline([base, steered, nul, healed2], "authority", -1, 0.5)["verdicts"] == ["broad"]
 
 
+def test_headline_reports_the_probe_move_against_base_and_the_null_and_the_instrument_warning():
+    from shl import report
+    base = dict(_eval("base", -1, 0.6, authority=-3.0), trait_probe_gap=0.5, read_js=0.001, rank_human_dev=0.0,
+                n_argmax=1, top1_acc=0.1, top1_const=0.15)
+    steered = dict(_eval("steered", 0, 0.3, authority=-5.0), trait_probe_gap=2.5)
+    healed = dict(_eval("healed", 0, 0.6, authority=-4.0), trait_probe_gap=1.5)
+    nul = dict(_eval("null", 0, 0.62, authority=-3.3), trait_probe_gap=0.8)
+    head = loop.headline([base, steered, nul, healed], "authority", -1, 0.5)
+    assert head["probe_d"] == pytest.approx(1.0) and head["probe_steered_d"] == pytest.approx(2.0)
+    assert head["probe_null_d"] == pytest.approx(0.3) and head["probe_d_beyond_null"] == pytest.approx(0.7)
+    assert head["instrument_warning"].startswith("warning: the model barely reads")
+    text = report.headline_text(head)
+    assert "healed +1.000 nats, steered +2.000, null arm +0.300, beyond the null +0.700" in text
+    assert "**Instrument:** warning" in text
+    # without a null arm the null clause goes; eval lines older than the probe give nan and no sentence
+    no_null = report.headline_text(loop.headline([base, steered, healed], "authority", -1, 0.5))
+    assert "steered +2.000." in no_null and "null arm" not in no_null.split("Trait probe")[1]
+    old = loop.headline([_eval("base", -1, 0.6, authority=-3.0), steered, healed], "authority", -1, 0.5)
+    assert old["probe_d"] != old["probe_d"] and old["instrument_warning"] == ""
+    assert "Trait probe" not in report.headline_text(old) and "Instrument" not in report.headline_text(old)
+
+
 def test_headline_ignores_the_healed_eval_of_an_unfinished_round():
     lines = [_eval("base", -1, 0.6, authority=-3.0), _eval("steered", 0, 0.3, authority=-5.0),
              _eval("healed", 0, 0.55, authority=-4.0, care=-1.8), {"stage": "round", "round": 0},
