@@ -20,11 +20,9 @@ import math
 import re
 from collections import Counter
 
-import torch
-
-from shl.generate import batches, generate_texts, walk_c
+from shl.generate import generate_texts, walk_c
 from shl.history import adapters
-from shl.models import input_device, left_pad, positions
+from shl.models import last_token_logprobs
 
 NARRATION = (
     r"\bI am (?:someone|a person|the kind of person) who\b", r"\bas someone who\b", r"\bmy (?:own )?principles\b",
@@ -76,34 +74,15 @@ def starts_broken(text: str) -> bool:
     return not stripped or bool(re.match(r"[,.;:)\]}!?]", stripped))
 
 
-@torch.no_grad()
 def tail_ppl(model, tok, prompts: list[str], completions: list[str], tail_frac: float = 0.25,
              batch_size: int = 16) -> list[float]:
-    """Perplexity of the last `tail_frac` of each completion's tokens under `model`.
-
-    Left padding puts every completion's end in the last column, so only the last
-    max(n_tail) + 1 positions need logits (never [B, L, V] over a 262k vocabulary); position ids
-    count from each row's first real token. An empty completion gives inf."""
-    dev = input_device(model)
-    out = []
-    for chunk in batches(list(zip(prompts, completions)), batch_size):
-        p_ids = [tok(p, add_special_tokens=False).input_ids for p, _ in chunk]
-        c_ids = [tok(p + c, add_special_tokens=False).input_ids[len(pi):] for (p, c), pi in zip(chunk, p_ids)]
-        n_tail = [max(1, math.ceil(tail_frac * len(ci))) if ci else 0 for ci in c_ids]
-        seqs = [pi + ci for pi, ci in zip(p_ids, c_ids)]
-        K = max(n_tail) + 1
-        inp, mask = left_pad(seqs, tok.pad_token_id)
-        logits = model(input_ids=inp.to(dev), attention_mask=mask.to(dev), position_ids=positions(mask).to(dev),
-                       logits_to_keep=K).logits  # [B, K, V]: column L-K+k
-        for b, (ci, n) in enumerate(zip(c_ids, n_tail)):
-            if not ci:
-                out.append(math.inf)
-                continue
-            # logits at column t-1 predict token t; the tail is the last n columns
-            lp = logits[b, K - 1 - n:K - 1].float().log_softmax(-1)
-            targets = torch.tensor(ci[-n:], device=lp.device)
-            out.append(math.exp(-lp.gather(-1, targets[:, None]).mean().item()))
-    return out
+    """Perplexity of the last `tail_frac` of each completion's tokens under `model` (only those
+    positions get logits: shl.models.last_token_logprobs). An empty completion gives inf."""
+    p_ids = [tok(p, add_special_tokens=False).input_ids for p in prompts]
+    c_ids = [tok(p + c, add_special_tokens=False).input_ids[len(pi):] for p, c, pi in zip(prompts, completions, p_ids)]
+    n_tail = [max(1, math.ceil(tail_frac * len(ci))) if ci else 0 for ci in c_ids]
+    lps = last_token_logprobs(model, [pi + ci for pi, ci in zip(p_ids, c_ids)], n_tail, tok.pad_token_id, batch_size)
+    return [math.exp(-lp.mean().item()) if ci else math.inf for lp, ci in zip(lps, c_ids)]
 
 
 def filter_completions(records: list[dict], ppl: list[float], p, extra_narration=()) -> list[dict]:

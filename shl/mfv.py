@@ -31,6 +31,8 @@ from tqdm.auto import tqdm
 from shl.generate import batches, generate_texts
 from shl.models import chat_prompt, input_device, left_pad, positions
 from shl.params import FOUNDATIONS, PROTOCOLS
+# one import direction: shl.probe reaches this module's scorer from inside its functions
+from shl.probe import probe_for, read_probe
 
 # the answer words, in FOUNDATIONS order; `social` stands for SocialNorms
 OPTIONS = ("care", "fairness", "loyalty", "authority", "sanctity", "liberty", "social")
@@ -436,7 +438,6 @@ def evaluate(model, tok, n: int = 0, system: str | None = None, think_tokens: in
     if json_valid:
         result.summary["json_is_valid"] = float(np.mean([parse_answer(a) is not None for a in answers]))
     if probe:
-        from shl.probe import read_probe  # shl.probe reads through this module's scorer
         summary, result.probe_rows = read_probe(model, tok, probe, system, batch_size)
         result.summary.update(summary)
     result.summary["seconds"] = time.time() - t0
@@ -460,7 +461,6 @@ def yesno_logp(scorer, tok, texts: list[str], system, answers: tuple[str, str]):
 
 def eval_kwargs(p) -> dict:
     """`evaluate`'s keyword arguments from a Params."""
-    from shl.probe import probe_for
     return dict(n=p.eval_n, batch_size=p.eval_batch_size, think_tokens=p.eval_think_tokens,
                 json_valid=p.eval_json_valid, json_tokens=p.eval_json_tokens, protocol=p.eval_protocol,
                 probe=probe_for(p))

@@ -158,6 +158,30 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
+@torch.no_grad()
+def last_token_logprobs(model, seqs: list[list[int]], n_last: list[int], pad_id: int,
+                        batch_size: int = 16) -> list[torch.Tensor]:
+    """Log-prob of each of the last n_last[i] tokens of sequence i given what precedes it ([n] per
+    sequence; n = 0 gives an empty one).
+
+    Left padding puts every sequence's end in the last column, so only the last max(n) + 1
+    positions need logits (never [B, L, V] over a 262k vocabulary); position ids count from each
+    row's first real token."""
+    dev = input_device(model)
+    out = []
+    for start in range(0, len(seqs), batch_size):
+        chunk, ns = seqs[start:start + batch_size], n_last[start:start + batch_size]
+        K = max(ns) + 1
+        inp, mask = left_pad(chunk, pad_id)
+        logits = model(input_ids=inp.to(dev), attention_mask=mask.to(dev), position_ids=positions(mask).to(dev),
+                       logits_to_keep=K).logits  # [B, K, V]: the last K columns
+        for b, n in enumerate(ns):
+            lp = logits[b, K - 1 - n:K - 1].float().log_softmax(-1)  # column t-1 predicts token t
+            targets = torch.tensor(chunk[b][len(chunk[b]) - n:], device=lp.device)
+            out.append(lp.gather(-1, targets[:, None])[:, 0])
+    return out
+
+
 def shared_prefix_len(ids: list[list[int]], cap: int) -> int:
     """Length of the token prefix every sequence shares, at most `cap`."""
     n = max(0, min(cap, *(len(x) for x in ids)))

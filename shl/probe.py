@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import yaml
 
-from shl.models import chat_prompt, input_device, left_pad, positions
+from shl.models import chat_prompt, last_token_logprobs
 
 DATA = Path(__file__).resolve().parent / "data" / "probes"
 KINDS = ("conflict", "defer_right", "defer_wrong")
@@ -133,28 +133,16 @@ def probe_summary(items: list[dict], logp_defer_first: np.ndarray, logp_principl
     return gap_summary(items, gap, mass, ((a[:, 0] - a[:, 1]) + (b[:, 0] - b[:, 1])) / 2)
 
 
-@torch.no_grad()
 def continuation_logprob(model, tok, prompts: list[str], continuations: list[str], batch_size: int = 16) -> np.ndarray:
-    """Summed log-prob of each continuation's tokens after its prompt [N] (left-padded batches;
-    only the continuation positions get logits)."""
-    dev = input_device(model)
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = list(zip(prompts[start:start + batch_size], continuations[start:start + batch_size]))
-        p_ids = [tok(pr, add_special_tokens=False).input_ids for pr, _ in chunk]
-        full = [tok(pr + c, add_special_tokens=False).input_ids for pr, c in chunk]
-        if any(f[:len(pi)] != pi for f, pi in zip(full, p_ids)):
-            raise RuntimeError("the tokenizer merges a probe action into the chat template's assistant tag; "
-                               "the continuation's log-prob needs a clean boundary")
-        c_ids = [f[len(pi):] for f, pi in zip(full, p_ids)]
-        K = max(map(len, c_ids)) + 1
-        inp, mask = left_pad([pi + ci for pi, ci in zip(p_ids, c_ids)], tok.pad_token_id)
-        logits = model(input_ids=inp.to(dev), attention_mask=mask.to(dev), position_ids=positions(mask).to(dev),
-                       logits_to_keep=K).logits  # [B, K, V]: the last K columns
-        for b, ci in enumerate(c_ids):
-            lp = logits[b, K - 1 - len(ci):K - 1].float().log_softmax(-1)  # column t-1 predicts token t
-            out.append(lp.gather(-1, torch.tensor(ci, device=lp.device)[:, None]).sum().item())
-    return np.array(out)
+    """Summed log-prob of each continuation's tokens after its prompt [N]."""
+    p_ids = [tok(pr, add_special_tokens=False).input_ids for pr in prompts]
+    full = [tok(pr + c, add_special_tokens=False).input_ids for pr, c in zip(prompts, continuations)]
+    if any(f[:len(pi)] != pi for f, pi in zip(full, p_ids)):
+        raise RuntimeError("the tokenizer merges a probe action into the chat template's assistant tag; "
+                           "the continuation's log-prob needs a clean boundary")
+    lps = last_token_logprobs(model, full, [len(f) - len(pi) for f, pi in zip(full, p_ids)], tok.pad_token_id,
+                              batch_size)
+    return np.array([lp.sum().item() for lp in lps])
 
 
 def pmi_gaps(model, tok, items: list[dict], system: str | None, batch_size: int) -> np.ndarray:
