@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-STAGES = ("extract", "generate_filter", "eval_steered", "heal", "eval_healed", "demos", "student")
+STAGES = ("extract", "generate_filter", "eval_steered", "heal", "eval_healed", "null", "demos", "student")
 
 
 def driver(args):
@@ -83,7 +83,8 @@ def run_tree(tree: Path, args) -> dict:
 def table(before: dict, after: dict, ref: str) -> str:
     rows = [("model load", before["load"], after["load"]), ("base + baseline evals", before["once"], after["once"])]
     for k, (rb, ra) in enumerate(zip(before["rounds"], after["rounds"])):
-        rows += [(f"r{k} {s}", rb[f"seconds_{s}"], ra[f"seconds_{s}"]) for s in STAGES]
+        # the null arm runs in round 0 only
+        rows += [(f"r{k} {s}", rb[f"seconds_{s}"], ra[f"seconds_{s}"]) for s in STAGES if f"seconds_{s}" in ra]
         rows.append((f"r{k} round total", rb["seconds"], ra["seconds"]))
     rows.append(("subprocess wall", before["wall"], after["wall"]))
     out = [f"| stage | {ref} (s) | this tree (s) | ratio |", "|---|---|---|---|"]

@@ -15,13 +15,12 @@ Reasons (a completion may have several):
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 from collections import Counter
 
 from shl.generate import generate_texts, walk_c
-from shl.history import adapters
+from shl.history import adapters, merged
 from shl.models import last_token_logprobs
 
 NARRATION = (
@@ -116,7 +115,7 @@ def judge(model, tok, records: list[dict], p, extra_narration=()) -> list[dict]:
     completions at tail ppl 1.1-3.1); student (the adapters as active) only for the ablation."""
     for r in records:
         r["n_tokens"] = len(tok(r["completion"], add_special_tokens=False).input_ids)
-    with adapters(model, []) if p.filter_ref == "base" else contextlib.nullcontext():
+    with adapters(model, []) if p.filter_ref == "base" else merged(model):
         ppl = tail_ppl(model, tok, [r["chat_prompt"] for r in records], [r["completion"] for r in records],
                        p.filter_tail_frac, p.gen_batch_size)
     return filter_completions(records, ppl, p, extra_narration)

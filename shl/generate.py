@@ -7,6 +7,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from shl.history import reads_merged
 from shl.models import input_device
 
 
@@ -16,6 +17,7 @@ def batches(items, size):
 
 
 @torch.no_grad()
+@reads_merged
 def generate_texts(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int = 16,
                    do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                    progress: bool = True, desc: str = "generate"):

@@ -7,7 +7,9 @@ computed once before training and each step runs only the LM head on them.
 
 Loss per micro-batch = NLL (mean over completion tokens)
                      + lam_eff * relu(D - tau)          (D = kl_agg of the per-position KL)
-                     + spectral_lam * sum over LoRA pairs of sigma_max(scaling * B A).
+                     + spectral_lam * sum over LoRA pairs of sigma_max(scaling * B A);
+the step's loss is the mean over its micro-batches (the spectral term, the same on each, is
+computed once per step).
 
 Gradient norms in the log are exact on the steps that measure them (every `heal_grad_every`-th
 and the last): each micro-batch takes the gradient of the NLL term and of the barrier term
@@ -242,13 +244,15 @@ def reference_states(model, examples, ref_names: list[str], pad_id: int, batch_s
     return out
 
 
-def heal_loss(model, batch: dict, p, round_idx: int, adapter: str, ref_states: torch.Tensor | None = None) -> dict:
+def heal_loss(model, batch: dict, p, round_idx: int, adapter: str, ref_states: torch.Tensor | None = None,
+              with_spectral: bool = True) -> dict:
     """The loss terms on one batch, with the student's adapters as currently active.
 
     Returns total, nll, barrier (lam_eff * relu(D - tau)), spectral (spectral_lam * sigma sum),
     D (aggregated KL; 0 for reg == nll) and kl (per position, detached). `ref_states` are the
     reference's final hidden states at the batch's completion positions [N, H]
-    (`reference_states`); reg == nll needs none."""
+    (`reference_states`); reg == nll needs none. `with_spectral=False` leaves the spectral term out
+    (0): it depends on the adapter's weights only, so `heal` computes it once per optimizer step."""
     ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
     logp = completion_logprobs(model, ids, attn, mask)
     nll = completion_nll(logp, ids, mask)
@@ -264,7 +268,8 @@ def heal_loss(model, batch: dict, p, round_idx: int, adapter: str, ref_states: t
         D = aggregate_kl(kl, p.kl_agg)
         barrier = lam_eff(p, round_idx) * torch.relu(D - p.tau)
         kl = kl.detach()
-    spectral = p.spectral_lam * spectral_term(model, adapter, p.spectral_iters) if p.spectral_lam > 0 else zero
+    spectral = (p.spectral_lam * spectral_term(model, adapter, p.spectral_iters)
+                if p.spectral_lam > 0 and with_spectral else zero)
     return {"total": nll + barrier + spectral, "nll": nll, "barrier": barrier, "spectral": spectral, "D": D, "kl": kl}
 
 
@@ -364,17 +369,17 @@ def heal(model, tok, records: list[dict], p, round_idx: int, history: list[str],
                 k = len(group)
                 split = measures_grads(p, step, total_steps)
                 g_nll, g_bar, g_spec = ([torch.zeros_like(q) for q in params] for _ in range(3))
-                nlls, Ds, spec, fired = [], [], 0.0, False
+                nlls, Ds, fired = [], [], False
                 for idx in group:
                     batch = collate([train_ex[i] for i in idx], pad_id, dev)
                     t = heal_loss(model, batch, p, round_idx, name,
-                                  torch.cat([ref[i] for i in idx]) if ref is not None else None)
+                                  torch.cat([ref[i] for i in idx]) if ref is not None else None, with_spectral=False)
                     nll, D = t["nll"].item(), t["D"].item()
                     if not (math.isfinite(nll) and math.isfinite(D) and torch.isfinite(t["total"])):
                         raise _non_finite(step, nll, D)
                     if split:
                         # relu(D - tau) == 0 has exactly zero gradient: skip that backward pass
-                        terms = [(g_nll, t["nll"]), (g_spec, t["spectral"])]
+                        terms = [(g_nll, t["nll"])]
                         if t["barrier"].item() > 0:
                             terms.append((g_bar, t["barrier"]))
                     else:  # one backward pass of the total; the per-term norms are not measured
@@ -384,8 +389,18 @@ def heal(model, tok, records: list[dict], p, round_idx: int, history: list[str],
                             a += g
                     nlls.append(nll)
                     Ds.append(D)
-                    spec += t["spectral"].item() / k
                     fired |= p.reg != "nll" and D > p.tau
+                # the weights do not change within a step, so the spectral term (20 power iterations
+                # over every LoRA pair) is the same on each micro-batch: the mean of k equal terms is
+                # one of them, computed once (it was k times, the same loss and gradient)
+                spec = 0.0
+                if p.spectral_lam > 0:
+                    spectral = p.spectral_lam * spectral_term(model, name, p.spectral_iters)
+                    if not torch.isfinite(spectral):
+                        raise _non_finite(step, sum(nlls) / k, sum(Ds) / k)
+                    for a, g in zip(g_spec, _grads(spectral, params, 1)):
+                        a += g
+                    spec = spectral.item()
                 # the total gradient is the sum of the separately measured terms (linearity)
                 for q, a, b, c in zip(params, g_nll, g_bar, g_spec):
                     q.grad = a + b + c

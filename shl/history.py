@@ -5,11 +5,14 @@ Round k adds a fresh adapter `r{k}` on top (the only trainable one), saves it as
 folder (`PeftModel.from_pretrained` loads it), and a resumed run loads the saved ones back as
 frozen history. `adapters(model, names)` switches the active stack for a block of code (the
 barrier's reference pass, the base eval, the student vector) without a second copy of the weights.
+`merged(model)` is the fast read of a frozen stack: its LoRA updates summed into the weights for a
+block of forward passes (evals, generation, hidden-state reads), the original weights put back after.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import shutil
@@ -17,10 +20,11 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 
-from shl.steer import band_layers, decoder_layers, num_layers
+from shl.models import band_layers, decoder_layers, num_layers
 
 @contextlib.contextmanager
 def _quiet_peft():
@@ -72,6 +76,7 @@ def set_active(model, names: list[str]):
     Which parameters are trainable does not change: peft's set_adapter turns requires_grad on
     for every adapter it activates, so the flags are put back afterwards."""
     names = list(names)
+    _refuse_inside_merged(model, "set_active")
     if not isinstance(model, PeftModel):
         if names:
             raise ValueError(f"cannot activate adapters {names}: the model has no peft adapters yet")
@@ -92,6 +97,7 @@ def adapters(model, names: list[str]):
     """Temporarily activate `names` ([] = adapters disabled: the base model); restores the
     previous active list and requires_grad flags on exit, exception or not."""
     names = list(names)
+    _refuse_inside_merged(model, "adapters")
     if not isinstance(model, PeftModel):
         set_active(model, names)  # raises unless names == []
         yield model
@@ -109,6 +115,85 @@ def adapters(model, names: list[str]):
         # requires_grad on every active adapter: history would silently become trainable
         set_active(model, prev)
         _restore_grad_flags(model, flags)
+
+
+# --- the merged read: a frozen stack summed into the weights ---------------------------------
+
+# False reads through peft's unmerged layers everywhere (the slow path, kept for the equality test:
+# tests/test_speed.py)
+MERGE_READS = True
+# Only weights this precise take a LoRA update without losing it. In bfloat16 the sum W + B A
+# rounds the update to W's own precision (8 bits): on the embedded model a merged read of round 0's
+# healed adapter moved authority by 0.08 nats against the live read (healed trait +0.08 instead of
+# +0.16), and round 1 then sampled other data. The live bfloat16 path keeps A and B to their own
+# precision, so a bfloat16 model reads its adapters through peft's layers.
+EXACT_DTYPES = (torch.float32, torch.float64)
+
+
+def _refuse_inside_merged(model, what: str):
+    if getattr(model, "_shl_merged", False):
+        raise RuntimeError(f"{what}() inside merged(): the active adapters are summed into the weights for this "
+                           "block; switch adapters outside it")
+
+
+def _mergeable(model) -> list:
+    """The LoRA layers whose active adapters `merged` may sum into the weights; [] when the read
+    must go through peft's layers (no adapters, adapters disabled, one still training, a variant)."""
+    if not (MERGE_READS and isinstance(model, PeftModel)) or getattr(model, "_shl_merged", False):
+        return []
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    for m in layers:
+        act = [n for n in m.active_adapters if n in m.lora_A]
+        if (m.get_base_layer().weight.dtype not in EXACT_DTYPES or m.disable_adapters or m.merged
+                or any(n in m.lora_variant for n in act)
+                or any(m.lora_A[n].weight.requires_grad or m.lora_B[n].weight.requires_grad for n in act)):
+            return []
+    return [m for m in layers if any(n in m.lora_A for n in m.active_adapters)]
+
+
+@contextlib.contextmanager
+def merged(model):
+    """Forward passes in this block see each active (frozen) adapter's B A * scaling added to its
+    base weight, and the LoRA layers bypassed: the same function as the stack (in float32 within
+    1e-4 on every eval key, tests/test_speed.py), without the adapter matmuls.
+
+    peft's own merge_adapter adds in place and unmerge subtracts again, which in bfloat16 leaves
+    W + BA - BA != W: the base weights would drift a little every round. Here the sum is a new
+    tensor (in float32, then the base dtype) and the original weight object is put back on exit,
+    bit for bit. Costs one extra copy of the adapted weights while open. Nothing happens (a plain
+    read through peft) for a plain model, no active adapters, adapters disabled, an adapter still
+    training, or base weights in bfloat16/float16 (EXACT_DTYPES); nested use is a plain read of
+    the outer merge."""
+    layers = _mergeable(model)
+    if not layers:
+        yield model
+        return
+    saved = []
+    try:
+        with torch.no_grad():
+            for m in layers:
+                base = m.get_base_layer()
+                W = base.weight
+                delta = sum(m.get_delta_weight(n).float() for n in m.active_adapters if n in m.lora_A)
+                saved.append((m, base, W))
+                base.weight = torch.nn.Parameter((W.float() + delta).to(W.dtype), requires_grad=False)
+                m._disable_adapters = True  # peft's forward then runs the base layer alone
+        model._shl_merged = True
+        yield model
+    finally:
+        for m, base, W in reversed(saved):
+            base.weight = W
+            m._disable_adapters = False
+        model._shl_merged = False
+
+
+def reads_merged(fn):
+    """Run `fn(model, ...)` (a read: eval, generation, hidden states) inside `merged(model)`."""
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        with merged(model):
+            return fn(model, *args, **kwargs)
+    return wrapper
 
 
 def freeze(model, names: list[str]):

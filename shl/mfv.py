@@ -29,6 +29,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from shl.generate import batches, generate_texts
+from shl.history import reads_merged
 from shl.models import chat_prompt, input_device, left_pad, positions
 from shl.params import FOUNDATIONS, PROTOCOLS
 # one import direction: shl.probe reaches this module's scorer from inside its functions
@@ -177,7 +178,10 @@ def model_scorer(model, tok, prompts: list[str], options, close: str = CLOSE, pr
     P = _shared_prefix_len(ids, cap=min(len(x) - k - 1 for x, k in zip(ids, k_pre)))
     prefix_cache = None
     if P:
-        prefix_cache = model(input_ids=torch.tensor([ids[0][:P]], device=dev), use_cache=True).past_key_values
+        # only the cache is wanted: logits_to_keep=1 skips the [P, V] head (under peft's wrapper that
+        # head ran as a slow bmm, 2 s per call on the embedded model)
+        prefix_cache = model(input_ids=torch.tensor([ids[0][:P]], device=dev), use_cache=True,
+                             logits_to_keep=1).past_key_values
 
     logp = np.zeros((len(prompts), len(options)))
     nll = np.zeros(len(prompts))
@@ -382,6 +386,7 @@ def parse_answer(text: str) -> str | None:
     return None
 
 
+@reads_merged
 def evaluate(model, tok, n: int = 0, system: str | None = None, think_tokens: int = 0, batch_size: int = 16,
              json_valid: bool = False, json_tokens: int = 32, readout: str = "full", progress: bool = True,
              scorer=None, protocol: str = "tinymfv", probe: list[dict] | None = None) -> EvalResult:

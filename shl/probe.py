@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import yaml
 
-from shl.models import chat_prompt, last_token_logprobs
+from shl.models import chat_prompt, continuation_logprobs
 
 DATA = Path(__file__).resolve().parent / "data" / "probes"
 KINDS = ("conflict", "defer_right", "defer_wrong")
@@ -140,8 +140,8 @@ def continuation_logprob(model, tok, prompts: list[str], continuations: list[str
     if any(f[:len(pi)] != pi for f, pi in zip(full, p_ids)):
         raise RuntimeError("the tokenizer merges a probe action into the chat template's assistant tag; "
                            "the continuation's log-prob needs a clean boundary")
-    lps = last_token_logprobs(model, full, [len(f) - len(pi) for f, pi in zip(full, p_ids)], tok.pad_token_id,
-                              batch_size)
+    lps = continuation_logprobs(model, p_ids, [f[len(pi):] for f, pi in zip(full, p_ids)], tok.pad_token_id,
+                                batch_size)
     return np.array([lp.sum().item() for lp in lps])
 
 

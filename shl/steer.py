@@ -19,7 +19,9 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from shl.generate import batches
-from shl.models import chat_prompt, input_device, left_pad, positions, shared_prefix_len
+from shl.history import reads_merged
+from shl.models import (band_layers, chat_prompt, decoder_layers, input_device, left_pad, num_layers, positions,
+                        shared_prefix_len)
 
 
 @dataclass
@@ -37,28 +39,6 @@ class Vector:
 
     def norms(self) -> dict[int, float]:
         return {l: v.norm().item() for l, v in self.layers.items()}
-
-
-def num_layers(model) -> int:
-    return model.config.get_text_config().num_hidden_layers
-
-
-def decoder_layers(model) -> torch.nn.ModuleList:
-    """The text decoder's layers, wherever a wrapper put them (peft, multimodal gemma-3)."""
-    n = num_layers(model)
-    found = [(name, m) for name, m in model.named_modules()
-             if isinstance(m, torch.nn.ModuleList) and name.split(".")[-1] == "layers" and len(m) == n
-             and "vision" not in name]
-    if len(found) != 1:
-        raise RuntimeError(f"expected one decoder ModuleList of {n} layers, found {[name for name, _ in found]}")
-    return found[0][1]
-
-
-def band_layers(n_layers: int, band) -> list[int]:
-    """[start, end) fractions of depth -> layer indices (at least one)."""
-    start = min(int(math.floor(band[0] * n_layers)), n_layers - 1)
-    end = max(int(math.ceil(band[1] * n_layers)), start + 1)
-    return list(range(start, min(end, n_layers)))
 
 
 def _hidden(output) -> torch.Tensor:
@@ -110,6 +90,7 @@ class _Done(Exception):
 
 
 @torch.no_grad()
+@reads_merged
 def last_token_states(model, tok, prompts: list[str], layers: list[int], batch_size: int = 16,
                       progress: bool = True, desc: str = "hidden states") -> dict[int, torch.Tensor]:
     """Each layer's output at the last prompt token: {layer: [N, hidden]} float32 on CPU.

@@ -1,0 +1,175 @@
+"""The loop's speed-ups give the numbers the slow paths give (issue 11): a frozen adapter stack
+read merged into the weights, the probe's shared-prompt continuations, a contiguous LM-head input.
+All in float32 on the tiny model, where the paths must agree to 1e-4."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import randomize_lora
+from shl import history as HI
+from shl import mfv, steer
+from shl.generate import generate_texts
+from shl.models import chat_prompt, continuation_logprobs, last_token_logprobs
+from shl.params import load_params
+
+
+def _stack(tiny, trainable_last=False):
+    """A copy of tiny with two random frozen adapters r0, r1 active (and a trainable r2 on top)."""
+    p = load_params("tiny")
+    model = copy.deepcopy(tiny[0])
+    for k in range(2 + trainable_last):
+        model = HI.add_round_adapter(model, p, k)
+        randomize_lora(model, f"r{k}", seed=k + 1)
+        if k < 2:
+            HI.freeze(model, [f"r{k}"])
+    return model
+
+
+def _merged_and_live(monkeypatch, fn):
+    out = {}
+    for flag in (True, False):
+        monkeypatch.setattr(HI, "MERGE_READS", flag)
+        out[flag] = fn()
+    return out[True], out[False]
+
+
+def test_a_merged_frozen_stack_evaluates_as_the_live_stack(tiny, monkeypatch):
+    model, tok = _stack(tiny), tiny[1]
+    with HI.adapters(model, []):
+        base = mfv.evaluate(model, tok, n=14, progress=False).summary
+    merged, live = _merged_and_live(monkeypatch, lambda: mfv.evaluate(model, tok, n=14, progress=False).summary)
+    keys = [k for k, v in live.items() if isinstance(v, float) and k != "seconds" and np.isfinite(v)]
+    # within 1e-4, relative for the large ones (the random stack's json perplexity is ~5e4)
+    assert keys and max(abs(merged[k] - live[k]) / max(1.0, abs(live[k])) for k in keys) < 1e-4
+    # and the adapters matter: the stack is not read as the base model
+    assert max(abs(merged[k] - base[k]) for k in keys if k.endswith("_nats")) > 1e-3
+
+
+def test_a_merged_stack_generates_and_reads_hidden_states_as_the_live_one(tiny, monkeypatch):
+    model, tok = _stack(tiny), tiny[1]
+    prompts = [chat_prompt(tok, f"Say something about {w}.") for w in ("rivers", "tea", "a long winter")]
+    texts = _merged_and_live(monkeypatch, lambda: generate_texts(model, tok, prompts, 12, batch_size=2, progress=False))
+    assert texts[0] == texts[1]
+    states = _merged_and_live(monkeypatch, lambda: steer.last_token_states(model, tok, prompts, [0, 1], 2, False))
+    # relative to the layer's scale (the random stack drives its states to ~1e2)
+    assert all((states[0][l] - states[1][l]).abs().max() < 1e-5 * states[1][l].abs().max() for l in (0, 1))
+
+
+def test_merged_puts_the_original_weights_back_and_refuses_adapter_switches(tiny):
+    model = _stack(tiny)
+    before = {n: q.detach().clone() for n, q in model.named_parameters()}
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        live = model(input_ids=ids).logits
+        with HI.merged(model):
+            assert all(m.disable_adapters for m in model.modules() if isinstance(m, HI.LoraLayer))
+            inside = model(input_ids=ids).logits
+            for switch in (lambda: HI.set_active(model, ["r0"]), lambda: HI.adapters(model, []).__enter__()):
+                with pytest.raises(RuntimeError, match="inside merged"):
+                    switch()
+        after = model(input_ids=ids).logits
+    assert torch.allclose(inside, live, atol=1e-5) and torch.equal(after, live)
+    assert all(torch.equal(q, before[n]) for n, q in model.named_parameters())
+    assert model.active_adapters == ["r0", "r1"]
+
+
+def _first_base_weight(model):
+    return next(m for m in model.modules() if isinstance(m, HI.LoraLayer)).get_base_layer().weight
+
+
+def test_merged_reads_through_peft_while_an_adapter_trains_adapters_are_off_or_weights_are_bf16(tiny):
+    model = _stack(tiny, trainable_last=True)
+    weight = _first_base_weight(model)
+    with HI.merged(model):  # r2 has requires_grad: its gradient must flow through the LoRA layer
+        assert _first_base_weight(model) is weight
+    with HI.adapters(model, []), HI.merged(model):
+        assert _first_base_weight(model) is weight
+    frozen = _stack(tiny)
+    weight = _first_base_weight(frozen)
+    with HI.merged(frozen):
+        assert _first_base_weight(frozen) is not weight  # float32, all frozen: merged
+    bf16 = _stack((copy.deepcopy(tiny[0]).to(torch.bfloat16), tiny[1]))
+    weight = _first_base_weight(bf16)
+    with HI.merged(bf16):  # bfloat16 would round the update to W's precision: read live
+        assert _first_base_weight(bf16) is weight and not any(
+            m.disable_adapters for m in bf16.modules() if isinstance(m, HI.LoraLayer))
+
+
+def test_shared_prompt_continuations_match_the_joined_reads(tiny):
+    model, tok = tiny
+    vocab = range(5, 200)
+    g = np.random.default_rng(0)
+    prompts = [list(g.choice(vocab, size=n)) for n in (7, 12, 3)]
+    # prompt 0 is followed five times, 1 twice, 2 once; lengths differ, batches cut across groups
+    pairs = [(0, 4), (1, 1), (0, 2), (2, 6), (0, 1), (1, 3), (0, 5), (0, 2)]
+    P = [[int(x) for x in prompts[i]] for i, _ in pairs]
+    C = [[int(x) for x in g.choice(vocab, size=n)] for _, n in pairs]
+    joined = last_token_logprobs(model, [a + b for a, b in zip(P, C)], [len(c) for c in C], tok.pad_token_id, 3)
+    shared = continuation_logprobs(model, P, C, tok.pad_token_id, batch_size=2)
+    assert [len(x) for x in shared] == [len(c) for c in C]
+    assert max((a - b).abs().max().item() for a, b in zip(joined, shared)) < 1e-4
+
+
+def test_the_lm_head_reads_kept_positions_as_the_full_forward_does(tiny):
+    model, _ = tiny
+    head = model.get_output_embeddings()
+    assert head._forward_pre_hooks, "load_model did not make the head's input contiguous"
+    ids = torch.randint(5, 200, (3, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(input_ids=ids).logits[:, -4:]
+        kept = model(input_ids=ids, logits_to_keep=4).logits
+    assert torch.allclose(full, kept, atol=1e-5)
+
+
+@pytest.mark.parametrize("reg", ["nll", "kl_rev"])
+def test_a_heal_steps_gradient_is_the_mean_of_its_micro_batches_full_losses(tiny, reg):
+    """The spectral term is computed once per optimizer step, not once per micro-batch: the first
+    step's (pre-clip) gradient must still be that of the mean of each micro-batch's whole loss."""
+    from shl import heal as H
+    model, tok = copy.deepcopy(tiny[0]), tiny[1]
+    p = load_params("tiny", reg=reg, tau=0.0, spectral_lam=0.5, train_batch_size=2, grad_accum=3, epochs=1,
+                    heldout_frac=0.0, lr=1e-3)
+    records = [{"chat_prompt": chat_prompt(tok, f"Tell me about thing {i}."), "completion": f"Thing {i} is red."}
+               for i in range(6)]
+    # heal's own start: its seed, its fresh adapter, its order of the examples
+    torch.manual_seed(p.seed)
+    ref_model = HI.add_round_adapter(copy.deepcopy(model), p, 0)
+    with torch.no_grad():  # a non-zero B, so the spectral term has a gradient in A and B
+        for A, B, _ in HI.lora_pairs(ref_model, "r0"):
+            B.copy_(0.05 * torch.randn(B.shape, generator=torch.Generator().manual_seed(3)))
+    init = {n: q.detach().clone() for n, q in ref_model.named_parameters() if "lora_" in n}
+    train, _ = H.split_heldout(records, p.heldout_frac, p.seed)  # one held out even at frac 0
+    ex = H.encode_records(tok, train)
+    order = torch.randperm(len(ex), generator=torch.Generator().manual_seed(p.seed)).tolist()
+    params = [w for A, B, _ in HI.lora_pairs(ref_model, "r0") for w in (A, B)]
+    ref = H.reference_states(ref_model, ex, [], tok.pad_token_id, 2) if reg != "nll" else None
+    losses = []
+    for i in range(0, len(ex), 2):  # micro-batches of 2, 2 and 1: one step of grad_accum 3
+        idx = order[i:i + 2]
+        batch = H.collate([ex[j] for j in idx], tok.pad_token_id)
+        losses.append(H.heal_loss(ref_model, batch, p, 0, "r0", torch.cat([ref[j] for j in idx]) if ref else None)["total"])
+    want = torch.linalg.vector_norm(torch.stack([g.norm() for g in torch.autograd.grad(torch.stack(losses).mean(), params)]))
+
+    # heal from the same start: wrap, then give its fresh adapter the same weights before training
+    real_add = HI.add_round_adapter
+
+    def add_then_copy(m, *a, **kw):
+        m = real_add(m, *a, **kw)
+        with torch.no_grad():
+            for n, q in m.named_parameters():
+                if n in init:
+                    q.copy_(init[n])
+        return m
+
+    import shl.heal
+    orig = shl.heal.add_round_adapter
+    shl.heal.add_round_adapter = add_then_copy
+    try:
+        _, log = H.heal(model, tok, records, p, 0, [], progress=False)
+    finally:
+        shl.heal.add_round_adapter = orig
+    assert abs(log["steps"][0]["grad_norm"] - want.item()) < 1e-5 * max(1.0, want.item())
+    assert log["steps"][0]["spectral"] > 0
