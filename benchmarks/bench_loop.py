@@ -84,7 +84,8 @@ def table(before: dict, after: dict, ref: str) -> str:
     rows = [("model load", before["load"], after["load"]), ("base + baseline evals", before["once"], after["once"])]
     for k, (rb, ra) in enumerate(zip(before["rounds"], after["rounds"])):
         # the null arm runs in round 0 only
-        rows += [(f"r{k} {s}", rb[f"seconds_{s}"], ra[f"seconds_{s}"]) for s in STAGES if f"seconds_{s}" in ra]
+        rows += [(f"r{k} {s}", rb[f"seconds_{s}"], ra[f"seconds_{s}"]) for s in STAGES
+                 if f"seconds_{s}" in ra and f"seconds_{s}" in rb]
         rows.append((f"r{k} round total", rb["seconds"], ra["seconds"]))
     rows.append(("subprocess wall", before["wall"], after["wall"]))
     out = [f"| stage | {ref} (s) | this tree (s) | ratio |", "|---|---|---|---|"]

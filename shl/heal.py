@@ -398,7 +398,8 @@ def heal(model, tok, records: list[dict], p, round_idx: int, history: list[str],
                     spectral = p.spectral_lam * spectral_term(model, name, p.spectral_iters)
                     if not torch.isfinite(spectral):
                         raise _non_finite(step, sum(nlls) / k, sum(Ds) / k)
-                    for a, g in zip(g_spec, _grads(spectral, params, 1)):
+                    for a, g in zip(g_spec, torch.autograd.grad(spectral, params, allow_unused=True,
+                                                                 materialize_grads=True)):
                         a += g
                     spec = spectral.item()
                 # the total gradient is the sum of the separately measured terms (linearity)

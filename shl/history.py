@@ -131,9 +131,11 @@ EXACT_DTYPES = (torch.float32, torch.float64)
 
 
 def _refuse_inside_merged(model, what: str):
-    if getattr(model, "_shl_merged", False):
-        raise RuntimeError(f"{what}() inside merged(): the active adapters are summed into the weights for this "
-                           "block; switch adapters outside it")
+    # counted on every merged() entry, merging or not, so a switch fails the same way in a
+    # bfloat16 run (which reads live) as in a float32 one (which merges)
+    if getattr(model, "_shl_reads", 0):
+        raise RuntimeError(f"{what}() inside merged(): the active adapters may be summed into the weights for "
+                           "this block; switch adapters outside it")
 
 
 def _mergeable(model) -> list:
@@ -145,7 +147,7 @@ def _mergeable(model) -> list:
     for m in layers:
         act = [n for n in m.active_adapters if n in m.lora_A]
         if (m.get_base_layer().weight.dtype not in EXACT_DTYPES or m.disable_adapters or m.merged
-                or any(n in m.lora_variant for n in act)
+                or any(n in m.lora_variant or m.lora_bias.get(n) for n in act)  # get_delta_weight has no bias
                 or any(m.lora_A[n].weight.requires_grad or m.lora_B[n].weight.requires_grad for n in act)):
             return []
     return [m for m in layers if any(n in m.lora_A for n in m.active_adapters)]
@@ -164,10 +166,11 @@ def merged(model):
     read through peft) for a plain model, no active adapters, adapters disabled, an adapter still
     training, or base weights in bfloat16/float16 (EXACT_DTYPES); nested use is a plain read of
     the outer merge."""
-    layers = _mergeable(model)
-    if not layers:
+    if not isinstance(model, torch.nn.Module):  # a scorer-only eval passes no model
         yield model
         return
+    layers = _mergeable(model)
+    model._shl_reads = getattr(model, "_shl_reads", 0) + 1
     saved = []
     try:
         with torch.no_grad():
@@ -178,13 +181,16 @@ def merged(model):
                 saved.append((m, base, W))
                 base.weight = torch.nn.Parameter((W.float() + delta).to(W.dtype), requires_grad=False)
                 m._disable_adapters = True  # peft's forward then runs the base layer alone
-        model._shl_merged = True
+        if layers:  # a nested or live read leaves the outer state alone
+            model._shl_merged = True
         yield model
     finally:
         for m, base, W in reversed(saved):
             base.weight = W
             m._disable_adapters = False
-        model._shl_merged = False
+        if layers:
+            model._shl_merged = False
+        model._shl_reads -= 1
 
 
 def reads_merged(fn):

@@ -147,8 +147,14 @@ def contiguous_head_input(model):
     Every scored eval batch, probe batch, filter pass and generation prefill reads logits this way."""
     head = model.get_output_embeddings()
     if head is not None and not getattr(head, "_shl_contiguous", False):
-        head.register_forward_pre_hook(lambda m, args: (args[0].contiguous(), *args[1:]))
+        head.register_forward_pre_hook(_contiguous_input, with_kwargs=True)
         head._shl_contiguous = True
+
+
+def _contiguous_input(module, args, kwargs):
+    if args:
+        return (args[0].contiguous(), *args[1:]), kwargs
+    return args, {k: v.contiguous() if k == "input" else v for k, v in kwargs.items()}
 
 
 def input_device(model) -> torch.device:
@@ -207,7 +213,9 @@ def continuation_logprobs(model, prompts: list[list[int]], continuations: list[l
     question, so this runs about half the tokens `last_token_logprobs` would on the joined
     sequences (the same numbers within float rounding; a test checks it in float32). Prompts are
     left-padded and cached in chunks of `batch_size`; continuations right-padded after them,
-    positions counted from each prompt's real length."""
+    positions counted from each prompt's real length. An empty continuation is an error (it
+    has no log-prob to read). Checked on Llama-family caches (tiny, SmolLM2); gemma-3's sliding
+    window layers go through the same `batch_select_indices`, untested here."""
     dev = input_device(model)
     order = list(dict.fromkeys(map(tuple, prompts)))  # distinct prompts, first-seen order
     which = {u: i for i, u in enumerate(order)}

@@ -147,8 +147,9 @@ class Params:
     eval_protocol: str = knob("tinymfv", "vignette readout: tinymfv (forced choice of the seven), calibrated (answer prior "
                               "of content-free scenarios divided out), fewshot (7 worked examples first), yesno (one "
                               "yes/no question per foundation)", choices=list(PROTOCOLS))
-    # 9-11 s per eval on the embedded model on 2 CPU cores (256 short sequences, each distinct prompt read
-    # once; 16-19 s when every sequence was read whole: benchmarks/results/bench_loop.md)
+    # 9-11 s per eval on the embedded model on 2 CPU cores (the 256 reads alone: 8.9 and 11.2 s in two
+    # runs, each distinct prompt read once; 16-19 s when every sequence was read whole;
+    # benchmarks/results/bench_loop.md)
     eval_trait_probe: bool = knob(True, "also read the demo's trait probe (shl/data/probes/<demo>.yaml; trait_probe_* keys) "
                                   "in every eval")
 

@@ -28,11 +28,21 @@ def _stack(tiny, trainable_last=False):
     return model
 
 
-def _merged_and_live(monkeypatch, fn):
+def _merged_and_live(monkeypatch, fn, model):
+    """fn() read merged, then live; checks that the first did merge and the second did not."""
+    layer = next(m for m in model.modules() if isinstance(m, HI.LoraLayer))
+    seen = []
+    handle = layer.get_base_layer().register_forward_pre_hook(
+        lambda m, a: seen.append(getattr(model, "_shl_merged", False)))
     out = {}
-    for flag in (True, False):
-        monkeypatch.setattr(HI, "MERGE_READS", flag)
-        out[flag] = fn()
+    try:
+        for flag in (True, False):
+            monkeypatch.setattr(HI, "MERGE_READS", flag)
+            seen.clear()
+            out[flag] = fn()
+            assert seen and all(x == flag for x in seen), f"MERGE_READS={flag}: merged reads {set(seen)}"
+    finally:
+        handle.remove()
     return out[True], out[False]
 
 
@@ -40,7 +50,8 @@ def test_a_merged_frozen_stack_evaluates_as_the_live_stack(tiny, monkeypatch):
     model, tok = _stack(tiny), tiny[1]
     with HI.adapters(model, []):
         base = mfv.evaluate(model, tok, n=14, progress=False).summary
-    merged, live = _merged_and_live(monkeypatch, lambda: mfv.evaluate(model, tok, n=14, progress=False).summary)
+    merged, live = _merged_and_live(monkeypatch, lambda: mfv.evaluate(model, tok, n=14, progress=False).summary,
+                                    model)
     keys = [k for k, v in live.items() if isinstance(v, float) and k != "seconds" and np.isfinite(v)]
     # within 1e-4, relative for the large ones (the random stack's json perplexity is ~5e4)
     assert keys and max(abs(merged[k] - live[k]) / max(1.0, abs(live[k])) for k in keys) < 1e-4
@@ -51,9 +62,11 @@ def test_a_merged_frozen_stack_evaluates_as_the_live_stack(tiny, monkeypatch):
 def test_a_merged_stack_generates_and_reads_hidden_states_as_the_live_one(tiny, monkeypatch):
     model, tok = _stack(tiny), tiny[1]
     prompts = [chat_prompt(tok, f"Say something about {w}.") for w in ("rivers", "tea", "a long winter")]
-    texts = _merged_and_live(monkeypatch, lambda: generate_texts(model, tok, prompts, 12, batch_size=2, progress=False))
+    texts = _merged_and_live(monkeypatch, lambda: generate_texts(model, tok, prompts, 12, batch_size=2, progress=False),
+                             model)
     assert texts[0] == texts[1]
-    states = _merged_and_live(monkeypatch, lambda: steer.last_token_states(model, tok, prompts, [0, 1], 2, False))
+    states = _merged_and_live(monkeypatch, lambda: steer.last_token_states(model, tok, prompts, [0, 1], 2, False),
+                              model)
     # relative to the layer's scale (the random stack drives its states to ~1e2)
     assert all((states[0][l] - states[1][l]).abs().max() < 1e-5 * states[1][l].abs().max() for l in (0, 1))
 
@@ -96,6 +109,10 @@ def test_merged_reads_through_peft_while_an_adapter_trains_adapters_are_off_or_w
     with HI.merged(bf16):  # bfloat16 would round the update to W's precision: read live
         assert _first_base_weight(bf16) is weight and not any(
             m.disable_adapters for m in bf16.modules() if isinstance(m, HI.LoraLayer))
+        # switching adapters is refused all the same, so a bf16 run fails where a float32 one would
+        with pytest.raises(RuntimeError, match="inside merged"):
+            HI.set_active(bf16, ["r0"])
+    HI.set_active(bf16, ["r0", "r1"])  # and allowed again after
 
 
 def test_shared_prompt_continuations_match_the_joined_reads(tiny):
@@ -103,35 +120,43 @@ def test_shared_prompt_continuations_match_the_joined_reads(tiny):
     vocab = range(5, 200)
     g = np.random.default_rng(0)
     prompts = [list(g.choice(vocab, size=n)) for n in (7, 12, 3)]
-    # prompt 0 is followed five times, 1 twice, 2 once; lengths differ, batches cut across groups
+    # prompt 0 is followed five times, 1 twice, 2 once; lengths differ, batches cut across groups;
+    # at batch size 1 the one-token continuations are a sub-batch of their own
     pairs = [(0, 4), (1, 1), (0, 2), (2, 6), (0, 1), (1, 3), (0, 5), (0, 2)]
     P = [[int(x) for x in prompts[i]] for i, _ in pairs]
     C = [[int(x) for x in g.choice(vocab, size=n)] for _, n in pairs]
     joined = last_token_logprobs(model, [a + b for a, b in zip(P, C)], [len(c) for c in C], tok.pad_token_id, 3)
-    shared = continuation_logprobs(model, P, C, tok.pad_token_id, batch_size=2)
-    assert [len(x) for x in shared] == [len(c) for c in C]
-    assert max((a - b).abs().max().item() for a, b in zip(joined, shared)) < 1e-4
+    for bs in (2, 1):
+        shared = continuation_logprobs(model, P, C, tok.pad_token_id, batch_size=bs)
+        assert [len(x) for x in shared] == [len(c) for c in C]
+        assert max((a - b).abs().max().item() for a, b in zip(joined, shared)) < 1e-4
 
 
 def test_the_lm_head_reads_kept_positions_as_the_full_forward_does(tiny):
     model, _ = tiny
     head = model.get_output_embeddings()
-    assert head._forward_pre_hooks, "load_model did not make the head's input contiguous"
+    assert getattr(head, "_shl_contiguous", False), "load_model did not make the head's input contiguous"
+    contiguous = []  # a hook registered after load_model's sees the input it passes on
+    handle = head.register_forward_pre_hook(lambda m, a: contiguous.append(a[0].is_contiguous()))
     ids = torch.randint(5, 200, (3, 9), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        full = model(input_ids=ids).logits[:, -4:]
-        kept = model(input_ids=ids, logits_to_keep=4).logits
+    try:
+        with torch.no_grad():
+            full = model(input_ids=ids).logits[:, -4:]
+            kept = model(input_ids=ids, logits_to_keep=4).logits
+    finally:
+        handle.remove()
+    assert contiguous == [True, True]
     assert torch.allclose(full, kept, atol=1e-5)
 
 
-@pytest.mark.parametrize("reg", ["nll", "kl_rev"])
-def test_a_heal_steps_gradient_is_the_mean_of_its_micro_batches_full_losses(tiny, reg):
+@pytest.mark.parametrize("reg,split", [("nll", True), ("kl_rev", True), ("kl_rev", False)])
+def test_a_heal_steps_gradient_is_the_mean_of_its_micro_batches_full_losses(tiny, monkeypatch, reg, split):
     """The spectral term is computed once per optimizer step, not once per micro-batch: the first
     step's (pre-clip) gradient must still be that of the mean of each micro-batch's whole loss."""
     from shl import heal as H
     model, tok = copy.deepcopy(tiny[0]), tiny[1]
     p = load_params("tiny", reg=reg, tau=0.0, spectral_lam=0.5, train_batch_size=2, grad_accum=3, epochs=1,
-                    heldout_frac=0.0, lr=1e-3)
+                    heldout_frac=0.0, lr=1e-3, heal_grad_norms=split)
     records = [{"chat_prompt": chat_prompt(tok, f"Tell me about thing {i}."), "completion": f"Thing {i} is red."}
                for i in range(6)]
     # heal's own start: its seed, its fresh adapter, its order of the examples
@@ -164,12 +189,7 @@ def test_a_heal_steps_gradient_is_the_mean_of_its_micro_batches_full_losses(tiny
                     q.copy_(init[n])
         return m
 
-    import shl.heal
-    orig = shl.heal.add_round_adapter
-    shl.heal.add_round_adapter = add_then_copy
-    try:
-        _, log = H.heal(model, tok, records, p, 0, [], progress=False)
-    finally:
-        shl.heal.add_round_adapter = orig
+    monkeypatch.setattr(H, "add_round_adapter", add_then_copy)
+    _, log = H.heal(model, tok, records, p, 0, [], progress=False)
     assert abs(log["steps"][0]["grad_norm"] - want.item()) < 1e-5 * max(1.0, want.item())
     assert log["steps"][0]["spectral"] > 0
