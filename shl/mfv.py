@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from shl.generate import batches, generate_texts
 from shl.history import reads_merged
-from shl.models import chat_prompt, input_device, left_pad, positions
+from shl.models import chat_prompt, input_device, left_pad, positions, shared_prefix_len
 from shl.params import FOUNDATIONS, PROTOCOLS
 # one import direction: shl.probe reaches this module's scorer from inside its functions
 from shl.probe import probe_for, read_probe
@@ -155,16 +155,6 @@ def _prefill_lengths(tok, prompts, ids, prefill) -> list[int]:
     return [len(full) - len(h) for h, full in zip(heads, ids)]
 
 
-def _shared_prefix_len(ids: list[list[int]], cap: int) -> int:
-    n = max(0, min(cap, *(len(x) for x in ids)))
-    for x in ids[1:]:
-        i = 0
-        while i < n and x[i] == ids[0][i]:
-            i += 1
-        n = i
-    return n
-
-
 @torch.no_grad()
 def model_scorer(model, tok, prompts: list[str], options, close: str = CLOSE, prefill: str = PREFILL,
                  batch_size: int = 16, readout: str = "full", progress=None):
@@ -175,11 +165,10 @@ def model_scorer(model, tok, prompts: list[str], options, close: str = CLOSE, pr
     opt_ids = _option_ids(tok, prompts[0], ids[0], options)
     closing = close_ids(tok, close) if close else []
     # the suffix must hold every prefill token and the one before it, so their logits exist
-    P = _shared_prefix_len(ids, cap=min(len(x) - k - 1 for x, k in zip(ids, k_pre)))
+    P = shared_prefix_len(ids, cap=min(len(x) - k - 1 for x, k in zip(ids, k_pre)))
     prefix_cache = None
     if P:
-        # only the cache is wanted: logits_to_keep=1 skips the [P, V] head (under peft's wrapper that
-        # head ran as a slow bmm, 2 s per call on the embedded model)
+        # only the cache is wanted: logits_to_keep=1 skips the head over all P positions
         prefix_cache = model(input_ids=torch.tensor([ids[0][:P]], device=dev), use_cache=True,
                              logits_to_keep=1).past_key_values
 

@@ -228,7 +228,8 @@ def continuation_logprobs(model, prompts: list[list[int]], continuations: list[l
     for start in range(0, len(order), batch_size):
         chunk = [list(u) for u in order[start:start + batch_size]]
         inp, pmask = left_pad(chunk, pad_id)  # [b, P]
-        res = model(input_ids=inp.to(dev), attention_mask=pmask.to(dev), position_ids=positions(pmask).to(dev),
+        inp, pmask = inp.to(dev), pmask.to(dev)
+        res = model(input_ids=inp, attention_mask=pmask, position_ids=positions(pmask),
                     use_cache=True, logits_to_keep=1)
         first = res.logits[:, -1].float().log_softmax(-1)  # [b, V]: predicts each continuation's first token
         rows = [(u, j) for u in range(len(chunk)) for j in rows_of[start + u]]
@@ -244,8 +245,8 @@ def continuation_logprobs(model, prompts: list[list[int]], continuations: list[l
                 cmask[b, :len(c)] = 1
             cache = copy.deepcopy(res.past_key_values)
             cache.batch_select_indices(idx)
-            attn = torch.cat([pmask.to(dev)[idx], cmask.to(dev)], 1)  # [n, P + T]
-            pos = pmask.to(dev)[idx].sum(1, keepdim=True) + torch.arange(T, device=dev)  # [n, T]
+            attn = torch.cat([pmask[idx], cmask.to(dev)], 1)  # [n, P + T]
+            pos = pmask[idx].sum(1, keepdim=True) + torch.arange(T, device=dev)  # [n, T]
             # the last continuation token predicts nothing that is read: T - 1 columns suffice
             lp = None
             if T > 1:
