@@ -28,7 +28,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from shl.generate import batches, generate_texts
+from shl.generate import generate_texts
 from shl.history import reads_merged
 from shl.models import chat_prompt, input_device, left_pad, positions, shared_prefix_len
 from shl.params import FOUNDATIONS, PROTOCOLS
@@ -155,6 +155,35 @@ def _prefill_lengths(tok, prompts, ids, prefill) -> list[int]:
     return [len(full) - len(h) for h, full in zip(heads, ids)]
 
 
+def _read_options(model, out, attn, last_pos, tails, K: int, opt_ids, closing, readout: str):
+    """The prefill NLL and each option's log-prob from one batch's forward `out` (its logits for
+    the last K positions, its cache holding the whole prompt; `attn` [B, L] its mask, `last_pos`
+    [B, 1] the position of each row's last token, `tails` each row's (prefill ids, their count)).
+    Returns (logp [B, n_options], nll [B])."""
+    dev = out.logits.device
+    B = out.logits.shape[0]
+    lp = torch.log_softmax(out.logits.float(), dim=-1)  # [B, K, V]: only the last K positions
+    nll = np.zeros(B)
+    for b, (tail, k) in enumerate(tails):
+        targets = torch.tensor(tail, device=dev)
+        nll[b] = -lp[b, K - 1 - k:K - 1].gather(-1, targets[:, None]).mean().item()
+    total = torch.stack([lp[:, -1, o[0]] for o in opt_ids], dim=1)  # [B, n_options] first-token logp
+    if readout == "full":
+        cache = out.past_key_values
+        for j, o in enumerate(opt_ids):
+            feed = torch.tensor([o] * B, device=dev)  # [B, T]: the same option tokens for every row
+            T = feed.shape[1]
+            o_out = model(input_ids=feed, attention_mask=torch.cat([attn, torch.ones((B, T), dtype=torch.long, device=dev)], 1),
+                          position_ids=last_pos + 1 + torch.arange(T, device=dev), past_key_values=cache, use_cache=True)
+            cache.crop(-T)  # back to the prompt for the next option
+            o_lp = torch.log_softmax(o_out.logits.float(), dim=-1)  # [B, T, V]
+            rest = o_lp[:, :-1].gather(-1, torch.tensor(o[1:], device=dev)[None, :, None].expand(B, -1, 1)).sum((1, 2))
+            total[:, j] += rest + (o_lp[:, -1, closing].logsumexp(-1) if closing else 0.0)
+    elif readout != "first_token":
+        raise ValueError(f"readout must be 'full' or 'first_token', got {readout!r}")
+    return total.cpu().numpy(), nll
+
+
 @torch.no_grad()
 def model_scorer(model, tok, prompts: list[str], options, close: str = CLOSE, prefill: str = PREFILL,
                  batch_size: int = 16, readout: str = "full", progress=None):
@@ -189,26 +218,8 @@ def model_scorer(model, tok, prompts: list[str], options, close: str = CLOSE, pr
             cache.batch_repeat_interleave(B)
         out = model(input_ids=inp.to(dev), attention_mask=attn, position_ids=pos, past_key_values=cache,
                     use_cache=True, logits_to_keep=K)
-        lp = torch.log_softmax(out.logits.float(), dim=-1)  # [B, K, V]: only the last K positions
-        for b, i in enumerate(rows):
-            k = k_pre[i]
-            targets = torch.tensor(ids[i][-k:], device=lp.device)
-            nll[i] = -lp[b, K - 1 - k:K - 1].gather(-1, targets[:, None]).mean().item()
-        total = torch.stack([lp[:, -1, o[0]] for o in opt_ids], dim=1)  # [B, n_options] first-token logp
-        if readout == "full":
-            cache, last_pos = out.past_key_values, pos[:, -1:]
-            for j, o in enumerate(opt_ids):
-                feed = torch.tensor([o] * B, device=dev)  # [B, T]: the same option tokens for every row
-                T = feed.shape[1]
-                o_out = model(input_ids=feed, attention_mask=torch.cat([attn, torch.ones((B, T), dtype=torch.long, device=dev)], 1),
-                              position_ids=last_pos + 1 + torch.arange(T, device=dev), past_key_values=cache, use_cache=True)
-                cache.crop(-T)  # back to prefix + suffix for the next option
-                o_lp = torch.log_softmax(o_out.logits.float(), dim=-1)  # [B, T, V]
-                rest = o_lp[:, :-1].gather(-1, torch.tensor(o[1:], device=dev)[None, :, None].expand(B, -1, 1)).sum((1, 2))
-                total[:, j] += rest + (o_lp[:, -1, closing].logsumexp(-1) if closing else 0.0)
-        elif readout != "first_token":
-            raise ValueError(f"readout must be 'full' or 'first_token', got {readout!r}")
-        logp[rows] = total.cpu().numpy()
+        tails = [(ids[i][-k_pre[i]:], k_pre[i]) for i in rows]
+        logp[rows], nll[rows] = _read_options(model, out, attn, pos[:, -1:], tails, K, opt_ids, closing, readout)
         if progress is not None:
             progress.update(B)
     return logp, nll
@@ -352,15 +363,70 @@ def aggregate(vignettes: list[dict], logp_fwd: np.ndarray, logp_rev: np.ndarray,
     return EvalResult(summary, rows, profile, dict(zip(FOUNDATIONS, human.mean(0).tolist())))
 
 
-def think_prompts(model, tok, users: list[str], system, think_tokens: int, batch_size: int, progress: bool,
-                  history: list[dict] | None = None) -> list[str]:
-    """Greedy thinking, then close the turn, a user turn 'Just answer.', and the prefill."""
-    history = list(history or [])
-    thoughts = generate_texts(model, tok, [chat_prompt(tok, u, system, history=history) for u in users], think_tokens,
-                              batch_size=batch_size, progress=progress, desc="eval thinking")
-    return [chat_prompt(tok, JUST_ANSWER, system, history=history + [{"role": "user", "content": u},
-                                                                     {"role": "assistant", "content": t.strip()}],
-                        prefill=PREFILL) for u, t in zip(users, thoughts)]
+def answer_suffix(tok, system, history: list[dict] | None = None) -> str:
+    """What follows a thought in the thinking eval: the chat template's close of the thinking turn,
+    the user turn 'Just answer.', the assistant tag and the prefill."""
+    mark = "THOUGHTMARK"  # rendered as the thinking turn's content, then cut away
+    text = chat_prompt(tok, JUST_ANSWER, system, history=list(history or []) + [
+        {"role": "user", "content": "question"}, {"role": "assistant", "content": mark}], prefill=PREFILL)
+    return text[text.index(mark) + len(mark):]
+
+
+def stop_ids(model, tok) -> list[int]:
+    """The token ids that end generation (the turn's end): the model's generation config and the tokenizer's eos."""
+    eos = model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    return sorted(ids | ({tok.eos_token_id} if tok.eos_token_id is not None else set()))
+
+
+@torch.no_grad()
+def thinking_scorer(model, tok, prompts: list[str], suffix: str, think_tokens: int, options, close: str = CLOSE,
+                    prefill: str = PREFILL, batch_size: int = 16, readout: str = "full", progress=None):
+    """Greedy thinking, then the answer read from the generation's own KV cache.
+
+    Each prompt (ending with the assistant tag) thinks up to `think_tokens` greedy tokens (a row
+    that ends its turn sooner keeps the tokens before its stop). The cache then takes `suffix`
+    (answer_suffix: the turn's close, 'Just answer.', the prefill) right after each row's thought,
+    and the options are read on top as in model_scorer. Nothing is re-encoded, and the thought
+    stays the tokens the model generated (no decode and re-tokenise). Returns (logp [N, n_options],
+    prefill NLL [N], each row's thought ids)."""
+    dev = input_device(model)
+    suf_ids = _tokenize(tok, [suffix])[0]
+    k_pre = _prefill_lengths(tok, [suffix], [suf_ids], prefill)[0]
+    opt_ids = _option_ids(tok, suffix, suf_ids, options)
+    closing = close_ids(tok, close) if close else []
+    stops = torch.tensor(stop_ids(model, tok), device=dev)
+    S, K = len(suf_ids), k_pre + 1
+    logp, nll, thoughts = np.zeros((len(prompts), len(options))), np.zeros(len(prompts)), []
+    for start in range(0, len(prompts), batch_size):
+        rows = list(range(start, min(start + batch_size, len(prompts))))
+        B = len(rows)
+        inp, pmask = left_pad(_tokenize(tok, [prompts[i] for i in rows]), tok.pad_token_id)  # [B, L]
+        inp, pmask = inp.to(dev), pmask.to(dev)
+        gen = model.generate(input_ids=inp, attention_mask=pmask, max_new_tokens=think_tokens, do_sample=False,
+                             top_k=None, pad_token_id=tok.pad_token_id, return_dict_in_generate=True)
+        new = gen.sequences[:, inp.shape[1]:]  # [B, T], T <= think_tokens
+        T, cache = new.shape[1], gen.past_key_values
+        if cache.get_seq_length() != inp.shape[1] + T - 1:  # the last generated token is never fed
+            raise RuntimeError(f"generate left a cache of {cache.get_seq_length()} positions, expected "
+                               f"{inp.shape[1] + T - 1}: this transformers version caches differently")
+        stop = torch.isin(new, stops)
+        n_thought = torch.where(stop.any(1), stop.long().argmax(1), T)  # [B] tokens before the first stop
+        keep = (torch.arange(T, device=dev)[None] < n_thought[:, None]).long()  # [B, T]
+        thoughts += [new[b, :n_thought[b]].tolist() for b in range(B)]
+        # feed the last generated token (not yet cached; masked where it is a stop or after one),
+        # then the suffix at each row's own positions: right after its thought
+        feed = torch.cat([new[:, -1:], torch.tensor([suf_ids] * B, device=dev)], 1)  # [B, 1 + S]
+        attn = torch.cat([pmask, keep, torch.ones((B, S), dtype=torch.long, device=dev)], 1)  # [B, L + T + S]
+        n_prompt = pmask.sum(1, keepdim=True)  # [B, 1]
+        pos = torch.cat([n_prompt + T - 1, n_prompt + n_thought[:, None] + torch.arange(S, device=dev)], 1)
+        out = model(input_ids=feed, attention_mask=attn, position_ids=pos, past_key_values=cache,
+                    use_cache=True, logits_to_keep=K)
+        logp[rows], nll[rows] = _read_options(model, out, attn, pos[:, -1:], [(suf_ids[-k_pre:], k_pre)] * B, K,
+                                              opt_ids, closing, readout)
+        if progress is not None:
+            progress.update(B)
+    return logp, nll, thoughts
 
 
 def parse_answer(text: str) -> str | None:
@@ -389,6 +455,9 @@ def evaluate(model, tok, n: int = 0, system: str | None = None, think_tokens: in
     if protocol == "yesno" and think_tokens:
         raise ValueError("the yesno protocol asks seven questions per vignette; thinking would generate seven "
                          "times: set eval_think_tokens 0")
+    if scorer is not None and think_tokens:
+        raise ValueError("a custom scorer reads rendered prompts, but the thinking eval continues the "
+                         "generation's KV cache: set think_tokens 0 to pass a scorer")
     t0 = time.time()
     vignettes = load_vignettes(n)
     texts = [v["text"] for v in vignettes]
@@ -401,10 +470,11 @@ def evaluate(model, tok, n: int = 0, system: str | None = None, think_tokens: in
         """[len(rows), 7] option log-probs in FOUNDATIONS order, and the prefill NLL per row."""
         users = [user_message(t, presented) for t in rows]
         if think_tokens:
-            prompts = think_prompts(model, tok, users, system, think_tokens, batch_size, progress, history)
+            lp, nll, _ = thinking_scorer(model, tok, [chat_prompt(tok, u, system, history=history) for u in users],
+                                         answer_suffix(tok, system, history), think_tokens, presented,
+                                         batch_size=batch_size, readout=readout, progress=bar)
         else:
-            prompts = [chat_prompt(tok, u, system, history=history, prefill=PREFILL) for u in users]
-        lp, nll = scorer(prompts, presented)
+            lp, nll = scorer([chat_prompt(tok, u, system, history=history, prefill=PREFILL) for u in users], presented)
         # back to FOUNDATIONS order: column j of lp is the option presented in slot j
         return np.asarray(lp)[:, [presented.index(o) for o in OPTIONS]], np.asarray(nll)
 

@@ -57,6 +57,22 @@ def test_merged_folder_loads_in_plain_transformers_and_matches_the_stack(run, tm
     assert manifest["source_run"] == str(run_dir.resolve())
 
 
+def test_a_bfloat16_run_is_merged_and_saved_in_float32_so_the_update_survives(run, tmp_path, capsys):
+    run_dir = tmp_path / "bf16"
+    shutil.copytree(run[0], run_dir)
+    p = yaml.safe_load((run_dir / "params.yaml").read_text())
+    (run_dir / "params.yaml").write_text(yaml.safe_dump(dict(p, dtype="bfloat16")))
+    out = export_merged(run_dir, tmp_path / "merged")
+    assert json.loads((out / MANIFEST).read_text())["dtype"] == "torch.float32"
+    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(out).eval()), run[1]["r0+r1"],
+                               atol=1e-4, rtol=1e-4)
+    low = export_merged(run_dir, tmp_path / "low", dtype="bfloat16")
+    assert "warning: saving in bfloat16" in capsys.readouterr().out
+    assert json.loads((low / MANIFEST).read_text())["dtype"] == "torch.bfloat16"
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        export_merged(run_dir, tmp_path / "bad", dtype="int8")
+
+
 def test_exported_folder_is_a_plain_model_folder(run, tmp_path):
     out = export_merged(run[0], tmp_path / "merged")
     names = {f.name for f in out.iterdir()}
@@ -116,8 +132,8 @@ def test_the_embedded_model_exports_too(embedded, tmp_path):
     config made every model built on it refuse save_pretrained."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    # float32: the default preset runs bfloat16, whose merged weights (W + BA rounded to bf16) differ
-    # from the unmerged float32 stack by far more than the tolerance that checks the merge itself
+    # float32 here so the unmerged stack it is checked against is float32 too (export merges in
+    # float32 whatever the run's dtype)
     p = load_params("default", dtype="float32")
     (run_dir / "params.yaml").write_text(yaml.safe_dump(p.to_dict()))
     model = HI.add_round_adapter(copy.deepcopy(embedded[0]), p, 0)

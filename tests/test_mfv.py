@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 import torch
-from transformers import Gemma3ForCausalLM, Gemma3TextConfig, Qwen3Config, Qwen3ForCausalLM
+from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM)
 
 from shl import mfv
 from shl.models import chat_prompt
@@ -92,6 +93,11 @@ def test_closing_mass_counts_every_token_that_starts_with_the_quote(tiny):
 
 def _tiny_arch(kind, vocab):
     torch.manual_seed(0)
+    if kind == "llama":  # untied, unlike tiny-random (whose greedy thoughts are all newlines)
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                          tie_word_embeddings=False)
+        return LlamaForCausalLM(cfg).eval()
     if kind == "qwen3":
         cfg = Qwen3Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048)
@@ -115,18 +121,72 @@ def test_batched_prefix_cached_scoring_matches_the_naive_reference(tiny, arch):
         np.testing.assert_allclose(fast_nll, slow_nll, atol=1e-4)
 
 
-def test_thinking_mode_interrupts_with_just_answer_and_prefill(tiny):
+def test_thinking_answer_turn_closes_the_thought_and_interrupts_with_just_answer(tiny):
+    _, tok = tiny
+    assert mfv.answer_suffix(tok, None) == "<|im_end|>\n<|im_start|>user\nJust answer.<|im_end|>\n<|im_start|>assistant\n" + mfv.PREFILL
+    # the suffix is exactly what the re-rendered conversation has after the thought
+    sys_prompt, thought = "Stick to principle.", "Let me weigh it"
+    history = [{"role": "user", "content": "q"}, {"role": "assistant", "content": thought}]
+    full = chat_prompt(tok, mfv.JUST_ANSWER, sys_prompt, history=history, prefill=mfv.PREFILL)
+    assert full.endswith(thought + mfv.answer_suffix(tok, sys_prompt))
+
+
+def _reencoded(model, tok, prompts, suffix, thoughts, options):
+    """The slow reference: every row's whole conversation (prompt, thought ids, suffix) re-encoded
+    unpadded, one forward per option."""
+    suf = tok(suffix, add_special_tokens=False).input_ids
+    k = len(suf) - len(tok(suffix[:-len(mfv.PREFILL)], add_special_tokens=False).input_ids)
+    closing = mfv.close_ids(tok, mfv.CLOSE)
+    opt = mfv._option_ids(tok, suffix, suf, options)
+    logp, nll = np.zeros((len(prompts), len(options))), np.zeros(len(prompts))
+    with torch.no_grad():
+        for i, (p, th) in enumerate(zip(prompts, thoughts)):
+            x = tok(p, add_special_tokens=False).input_ids + th + suf
+            for j, o in enumerate(opt):
+                lp = model(input_ids=torch.tensor([x + o])).logits.float()[0].log_softmax(-1)  # [L, V]
+                logp[i, j] = sum(lp[len(x) - 1 + t, o[t]].item() for t in range(len(o))) + lp[-1, closing].logsumexp(-1).item()
+            nll[i] = -np.mean([lp[len(x) - 1 - k + t, x[len(x) - k + t]].item() for t in range(k)])
+    return logp, nll
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
+def test_thinking_readout_from_the_generation_cache_matches_re_encoding(tiny, arch):
+    _, tok = tiny
+    model = _tiny_arch(arch, len(tok))
+    think = 6
+    prompts = [chat_prompt(tok, mfv.user_message(v["text"], mfv.OPTIONS), "Stick to principle.") for v in mfv.load_vignettes(7)]
+    suffix = mfv.answer_suffix(tok, "Stick to principle.")
+    _, _, first = mfv.thinking_scorer(model, tok, prompts, suffix, think, mfv.OPTIONS, batch_size=4)
+    # make a token that some row thinks early (and another row never) end the turn, so rows stop at
+    # different lengths
+    stop = next(t for th in first for t in th[:3] if any(t not in other for other in first))
+    old = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = stop
+    try:
+        logp, nll, thoughts = mfv.thinking_scorer(model, tok, prompts, suffix, think, mfv.OPTIONS, batch_size=4)
+        lens = [len(t) for t in thoughts]
+        assert min(lens) <= 2 and max(lens) == think, lens
+        # each thought is the row's own unpadded greedy generation, cut before its stop
+        for p, th in zip(prompts, thoughts):
+            ids = torch.tensor([tok(p, add_special_tokens=False).input_ids])
+            # the explicit mask: with pad != eos, generate would take the prompt's <|im_end|> for padding
+            alone = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=think, do_sample=False, top_k=None,
+                                   pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+            assert alone[:len(th)] == th and (len(th) == think or alone[len(th)] in mfv.stop_ids(model, tok))
+        ref, ref_nll = _reencoded(model, tok, prompts, suffix, thoughts, mfv.OPTIONS)
+    finally:
+        model.generation_config.eos_token_id = old
+    np.testing.assert_allclose(logp, ref, atol=1e-4)
+    np.testing.assert_allclose(nll, ref_nll, atol=1e-4)
+
+
+def test_thinking_eval_runs_and_refuses_a_scorer_it_cannot_use(tiny):
     model, tok = tiny
-    seen = []
-
-    def scorer(prompts, presented):
-        seen.extend(prompts)
-        return np.zeros((len(prompts), 7)), np.zeros(len(prompts))
-
-    mfv.evaluate(model, tok, n=2, think_tokens=5, progress=False, scorer=scorer)
-    p = seen[0]
-    assert p.endswith("<|im_start|>user\nJust answer.<|im_end|>\n<|im_start|>assistant\n" + mfv.PREFILL)
-    assert p.count("<|im_start|>assistant") == 2  # the thinking turn, then the answer turn
+    res = mfv.evaluate(model, tok, n=7, think_tokens=4, batch_size=4, progress=False)
+    np.testing.assert_allclose(res.table()[[f"p_{f}" for f in FOUNDATIONS]].sum(axis=1), 1.0, atol=1e-9)
+    with pytest.raises(ValueError, match="think_tokens 0"):
+        mfv.evaluate(model, tok, n=2, think_tokens=4, progress=False,
+                     scorer=lambda prompts, presented: (np.zeros((len(prompts), 7)), np.zeros(len(prompts))))
 
 
 def test_parse_answer_accepts_only_allowed_json_values():
