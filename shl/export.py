@@ -90,7 +90,8 @@ def export_merged(run_dir, out_dir, rounds: int | None = None, dtype: str = "flo
         merged.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         manifest = {"source_run": str(run_dir.resolve()), "adapters_merged": list(paths), "model": p.model,
-                    "dtype": str(merged.dtype), "demo": p.demo}
+                    "dtype": str(merged.dtype), "merged_in": "torch.float32",
+                    "run_dtype": p.dtype, "demo": p.demo}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _check_out_dir(out_dir)  # again: the merge takes a while and someone may have written there
         if out_dir.exists():

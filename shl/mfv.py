@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import yaml
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from shl.generate import generate_texts
 from shl.history import reads_merged
@@ -389,22 +390,36 @@ def thinking_scorer(model, tok, prompts: list[str], suffix: str, think_tokens: i
     (answer_suffix: the turn's close, 'Just answer.', the prefill) right after each row's thought,
     and the options are read on top as in model_scorer. Nothing is re-encoded, and the thought
     stays the tokens the model generated (no decode and re-tokenise). Returns (logp [N, n_options],
-    prefill NLL [N], each row's thought ids)."""
+    prefill NLL [N], each row's thought ids).
+
+    Sliding-window layers (gemma-3) count their window in cache columns, pads and a stopped row's
+    masked tail included, so the match with a re-encode holds only inside the window: a prompt
+    that could outgrow it is refused."""
+    if not suffix.endswith(prefill):
+        raise ValueError(f"the suffix must end with the prefill {prefill!r}")
     dev = input_device(model)
     suf_ids = _tokenize(tok, [suffix])[0]
     k_pre = _prefill_lengths(tok, [suffix], [suf_ids], prefill)[0]
     opt_ids = _option_ids(tok, suffix, suf_ids, options)
     closing = close_ids(tok, close) if close else []
-    stops = torch.tensor(stop_ids(model, tok), device=dev)
+    stops = torch.tensor(stop_ids(model, tok), dtype=torch.long, device=dev)
     S, K = len(suf_ids), k_pre + 1
+    window = getattr(model.config, "sliding_window", None)
+    if window and "sliding_attention" in (getattr(model.config, "layer_types", None) or []):
+        longest = max(map(len, _tokenize(tok, prompts))) + think_tokens + S + max(map(len, opt_ids))
+        if longest >= window:
+            raise ValueError(f"thinking {think_tokens} tokens makes a conversation of up to {longest} tokens, past "
+                             f"the model's sliding window ({window}): lower eval_think_tokens")
     logp, nll, thoughts = np.zeros((len(prompts), len(options))), np.zeros(len(prompts)), []
     for start in range(0, len(prompts), batch_size):
         rows = list(range(start, min(start + batch_size, len(prompts))))
         B = len(rows)
         inp, pmask = left_pad(_tokenize(tok, [prompts[i] for i in rows]), tok.pad_token_id)  # [B, L]
         inp, pmask = inp.to(dev), pmask.to(dev)
+        # a DynamicCache of our own: a preset's generation config could ask for none, or a static one too short
         gen = model.generate(input_ids=inp, attention_mask=pmask, max_new_tokens=think_tokens, do_sample=False,
-                             top_k=None, pad_token_id=tok.pad_token_id, return_dict_in_generate=True)
+                             top_k=None, pad_token_id=tok.pad_token_id, return_dict_in_generate=True,
+                             use_cache=True, past_key_values=DynamicCache(config=model.config))
         new = gen.sequences[:, inp.shape[1]:]  # [B, T], T <= think_tokens
         T, cache = new.shape[1], gen.past_key_values
         if cache.get_seq_length() != inp.shape[1] + T - 1:  # the last generated token is never fed

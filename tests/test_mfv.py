@@ -180,6 +180,15 @@ def test_thinking_readout_from_the_generation_cache_matches_re_encoding(tiny, ar
     np.testing.assert_allclose(nll, ref_nll, atol=1e-4)
 
 
+def test_thinking_past_a_sliding_window_is_refused(tiny):
+    _, tok = tiny
+    model = _tiny_arch("gemma3", len(tok))
+    model.config.sliding_window = 64  # the prompts alone are ~190 tokens
+    prompts = [chat_prompt(tok, mfv.user_message(v["text"], mfv.OPTIONS)) for v in mfv.load_vignettes(2)]
+    with pytest.raises(ValueError, match="sliding window"):
+        mfv.thinking_scorer(model, tok, prompts, mfv.answer_suffix(tok, None), 4, mfv.OPTIONS)
+
+
 def test_thinking_eval_runs_and_refuses_a_scorer_it_cannot_use(tiny):
     model, tok = tiny
     res = mfv.evaluate(model, tok, n=7, think_tokens=4, batch_size=4, progress=False)
