@@ -85,7 +85,7 @@ for name, group in BORDER.items():
     print(f"\n===== {name} =====")
     for r in group:
         print(f"--- {'KEPT' if r['kept'] else 'DROPPED ' + ','.join(r['reasons'])}  coeff {r['coeff']:g}  "
-              f"tail_ppl {r['tail_ppl']:.1f}  rep {r['rep']:.2f}  glued run {r['glued']}\nPROMPT: {r['prompt']}\n{r['completion'].strip()}\n")
+              f"tail_ppl {r['tail_ppl']:.1f}  rep {r['rep']:.2f}  glued run {r['glued']}  unspaced {r['unspaced']}\nPROMPT: {r['prompt']}\n{r['completion'].strip()}\n")
 
 # %% [markdown]
 # ## walk-C: settle the dose, collect the training set

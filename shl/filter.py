@@ -9,6 +9,10 @@ Reasons (a completion may have several):
 - `glued`: a run of more than `filter_glued_len` characters without whitespace (URLs and e-mail
   addresses aside): the word soup of late rounds ("Ialwayshikelemygowlionsmallstoneyou...") has
   low perplexity and little n-gram repetition, so the two checks above let it through;
+- `unspaced`: a word runs into the next after punctuation ("mother,I am", "friend.I believe"),
+  URLs and e-mail addresses aside. Later rounds' steered text drifts there before it glues into
+  runs long enough for `glued` (0 of 690 unsteered completions of the committed runs have one;
+  38 of the 56 kept in round 2 of the 6-epoch seed-1 loop did, 2026-12-02);
 - `narration`: the completion describes the persona instead of acting it out;
 - `refusal`: refusal or assistant-identity boilerplate.
 """
@@ -55,6 +59,16 @@ def glued_run(text: str) -> int:
     return max((len(w) for w in _ADDRESS.sub(" ", text).split()), default=0)
 
 
+# a lowercase word, punctuation, then a letter with no space; a period only before a capital, so
+# "e.g.", "U.S." and decimals do not count
+_UNSPACED = re.compile(r"[a-z]{2}[,;!?][a-zA-Z]|[a-z]{3}\.[A-Z][a-z]")
+
+
+def unspaced(text: str) -> int:
+    """How many times a word runs into the next after punctuation, URLs and e-mail addresses removed."""
+    return len(_UNSPACED.findall(_ADDRESS.sub(" ", text)))
+
+
 def matches(text: str, patterns) -> list[str]:
     return [p for p in patterns if re.search(p, text, flags=re.IGNORECASE)]
 
@@ -85,10 +99,10 @@ def tail_ppl(model, tok, prompts: list[str], completions: list[str], tail_frac: 
 
 
 def filter_completions(records: list[dict], ppl: list[float], p, extra_narration=()) -> list[dict]:
-    """Add `tail_ppl`, `rep`, `glued`, `reasons` and `kept` to each record (prompt, completion, n_tokens, ...)."""
+    """Add `tail_ppl`, `rep`, `glued`, `unspaced`, `reasons` and `kept` to each record (prompt, completion, n_tokens, ...)."""
     for r, q in zip(records, ppl):
         text = r["completion"]
-        rep, glued = repetition(text), glued_run(text)
+        rep, glued, gaps = repetition(text), glued_run(text), unspaced(text)
         reasons = []
         if r["n_tokens"] < p.filter_min_tokens or starts_broken(text):
             reasons.append("empty")
@@ -98,11 +112,13 @@ def filter_completions(records: list[dict], ppl: list[float], p, extra_narration
             reasons.append("repetition")
         if glued > p.filter_glued_len:
             reasons.append("glued")
+        if p.filter_unspaced and gaps:
+            reasons.append("unspaced")
         if narrates(text, extra_narration):
             reasons.append("narration")
         if refuses(text):
             reasons.append("refusal")
-        r.update(tail_ppl=q, rep=rep, glued=glued, reasons=reasons, kept=not reasons)
+        r.update(tail_ppl=q, rep=rep, glued=glued, unspaced=gaps, reasons=reasons, kept=not reasons)
     return records
 
 
@@ -161,7 +177,7 @@ def generate_and_filter(model, tok, vector, demo, p, seed: int = 0, system: str 
     return kept, kappa, trace, everything
 
 
-REASONS = ("empty", "ppl", "repetition", "glued", "narration", "refusal")
+REASONS = ("empty", "ppl", "repetition", "glued", "unspaced", "narration", "refusal")
 
 
 def filter_line(records: list[dict], phase: str) -> dict:
@@ -181,7 +197,8 @@ def borderline(records: list[dict], p, k: int = 2) -> dict[str, list[dict]]:
     out = {}
     for name, key, tau, reason in (("tail perplexity", "tail_ppl", p.filter_ppl_tau, "ppl"),
                                    ("repetition", "rep", p.filter_rep_tau, "repetition"),
-                                   ("glued run", "glued", p.filter_glued_len, "glued")):
+                                   ("glued run", "glued", p.filter_glued_len, "glued"),
+                                   ("unspaced", "unspaced", 0, "unspaced"))[:4 if p.filter_unspaced else 3]:
         kept = sorted((r for r in records if r["kept"]), key=lambda r: r[key], reverse=True)[:k]
         dropped = sorted((r for r in records if reason in r["reasons"]), key=lambda r: r[key])[:k]
         out[f"{name} (threshold {tau:g})"] = kept + dropped

@@ -95,6 +95,9 @@ class Params:
     filter_min_tokens: int = knob(8, "drop completions shorter than this many tokens", lo=1)
     # fluent completions of the committed runs: longest run <= 17; the glued soup: 23 to 230
     filter_glued_len: int = knob(20, "drop a completion with a run of more than this many characters without whitespace (URLs aside)", lo=1)
+    # unsteered completions of the committed runs: 0 of 690 have one; the first loop's round-2 soup:
+    # 52 of 58; the 6-epoch loops' kept rounds 1-2 (2026-12-02): 7 to 38 of ~55, runs of 17-20 chars
+    filter_unspaced: bool = knob(True, "drop a completion where a word runs into the next after punctuation ('mother,I am')")
     # the first committed loop judged with the student, which had learned round 1's soup: round 2
     # kept 54 of 58 glued-word completions at tail ppl 1.1-3.1. Judged by base, soup reads as soup.
     filter_ref: str = knob("base", "model whose tail perplexity judges a completion: base (adapters off) or student (adapters as active; ablation)", choices=["base", "student"])
@@ -123,7 +126,11 @@ class Params:
     # 14 steps of 2e-4 left the eval where it was, with or without the barrier; 1e-3 moved it
     lr: float = knob(1e-3, "AdamW peak learning rate", lo=0, lo_open=True)
     weight_decay: float = knob(0.0, "AdamW weight decay (composes with the barrier)", lo=0)
-    epochs: int = knob(2, "passes over the kept completions", lo=1)
+    # 6 (42 steps at ~56 kept): the 3-round loop on the embedded model reached healed authority
+    # +1.18 / +1.05 nats by round 2 (seeds 0 / 1), +1.06 / +1.12 beyond the null, at 0.94 / 0.98x
+    # base coherence; 2 epochs gave +0.85 / +0.63 (two seed-0 runs; float rounding apart)
+    # (journal/2026-11-28_issue10_defaults/findings.md). It triples the heal's time
+    epochs: int = knob(6, "passes over the kept completions", lo=1)
     train_batch_size: int = knob(4, "completions per micro-batch", lo=1)
     grad_accum: int = knob(2, "micro-batches per optimizer step", lo=1)
     warmup_frac: float = knob(0.1, "fraction of steps with linear warm-up before the cosine decay", lo=0, hi=1)

@@ -127,7 +127,7 @@ def test_starved_walk_c_raises_with_the_table_written_first(tmp_path):
 
 def test_borderline_shows_kept_just_under_and_dropped_just_over():
     p = load_params("default", filter_ppl_tau=40.0)
-    recs = [{"tail_ppl": q, "rep": 0.1, "glued": 12, "kept": q <= 40, "reasons": [] if q <= 40 else ["ppl"]}
+    recs = [{"tail_ppl": q, "rep": 0.1, "glued": 12, "unspaced": 0, "kept": q <= 40, "reasons": [] if q <= 40 else ["ppl"]}
             for q in (5, 20, 35, 39, 41, 60, 900)]
     ppl = next(v for k, v in filt.borderline(recs, p).items() if k.startswith("tail"))
     assert [r["tail_ppl"] for r in ppl] == [39, 35, 41, 60]
@@ -187,6 +187,23 @@ def test_fluent_committed_text_passes_the_text_checks():
     out = filt.filter_completions(recs, [3.0] * len(recs), p)
     assert [r["reasons"] for r in out if r["reasons"]] == []
     assert max(r["glued"] for r in out) <= 17
+
+
+def test_words_run_together_after_punctuation_are_dropped_and_unsteered_text_is_not():
+    """Later rounds of the 6-epoch loops kept text like "I am a wise mother,I am a mother" (runs of
+    17-20 characters, under `glued`); no unsteered completion of the committed runs has one."""
+    p = load_params("default")
+    unsteered = [r for f in sorted((REPO / "journal").glob("*/generated_null.jsonl")) for r in read_jsonl(f)]
+    assert len(unsteered) >= 600
+    assert [r["completion"] for r in unsteered if filt.unspaced(r["completion"])] == []
+    late = [dict(r) for r in read_jsonl(REPO / "journal" / "2026-12-02_04_loop_smollm2-135m-instruct_epochs6_seed1"
+                                        / "generated_r2.jsonl") if r["kept"]]
+    out = filt.filter_completions(late, [r["tail_ppl"] for r in late], p)
+    assert sum("unspaced" in r["reasons"] for r in out) >= 30
+    off = filt.filter_completions([dict(r) for r in late], [r["tail_ppl"] for r in late], load_params("default", filter_unspaced=False))
+    assert all(r["kept"] for r in off)  # the switch restores the filter those rounds ran with
+    assert filt.unspaced("See https://example.org/a,b and e.g. U.S. law, 3.5 days. Then") == 0
+    assert filt.unspaced("I am a mother,I am here.You know") == 2
 
 
 def test_glued_run_ignores_urls_and_addresses():
