@@ -3,6 +3,7 @@ import types
 
 import pytest
 import torch
+import yaml
 
 from shl import filter as filt
 from shl import generate, history
@@ -193,7 +194,10 @@ def test_words_run_together_after_punctuation_are_dropped_and_unsteered_text_is_
     """Later rounds of the 6-epoch loops kept text like "I am a wise mother,I am a mother" (runs of
     17-20 characters, under `glued`); no unsteered completion of the committed runs has one."""
     p = load_params("default")
-    unsteered = [r for f in sorted((REPO / "journal").glob("*/generated_null.jsonl")) for r in read_jsonl(f)]
+    # the runs made without the check (later ones dropped such completions from their null arm)
+    unsteered = [r for f in sorted((REPO / "journal").glob("*/generated_null.jsonl"))
+                 if not yaml.safe_load((f.parent / "params.yaml").read_text()).get("filter_unspaced")
+                 for r in read_jsonl(f)]
     assert len(unsteered) >= 600
     assert [r["completion"] for r in unsteered if filt.unspaced(r["completion"])] == []
     late = [dict(r) for r in read_jsonl(REPO / "journal" / "2026-12-02_04_loop_smollm2-135m-instruct_epochs6_seed1"
