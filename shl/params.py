@@ -129,7 +129,8 @@ class Params:
     # 6 (42 steps at ~56 kept): the 3-round loop on the embedded model reached healed authority
     # +1.18 / +1.05 nats by round 2 (seeds 0 / 1), +1.06 / +1.12 beyond the null, at 0.94 / 0.98x
     # base coherence; 2 epochs gave +0.85 / +0.63 (two seed-0 runs; float rounding apart)
-    # (journal/2026-11-28_issue10_defaults/findings.md). It triples the heal's time
+    # (journal/2026-11-28_issue10_defaults/findings.md). With the unspaced check too, 3 seeds:
+    # +1.49 / +1.05 / +1.43 raw, pass / broad / broad, 0.92 / 0.72 / 0.85x. It triples the heal's time
     epochs: int = knob(6, "passes over the kept completions", lo=1)
     train_batch_size: int = knob(4, "completions per micro-batch", lo=1)
     grad_accum: int = knob(2, "micro-batches per optimizer step", lo=1)
