@@ -195,10 +195,11 @@ def filter_line(records: list[dict], phase: str) -> dict:
 def borderline(records: list[dict], p, k: int = 2) -> dict[str, list[dict]]:
     """Around each threshold: the k kept closest under it and the k dropped (for it) just past it."""
     out = {}
-    for name, key, tau, reason in (("tail perplexity", "tail_ppl", p.filter_ppl_tau, "ppl"),
-                                   ("repetition", "rep", p.filter_rep_tau, "repetition"),
-                                   ("glued run", "glued", p.filter_glued_len, "glued"),
-                                   ("unspaced", "unspaced", 0, "unspaced"))[:4 if p.filter_unspaced else 3]:
+    checks = [("tail perplexity", "tail_ppl", p.filter_ppl_tau, "ppl"), ("repetition", "rep", p.filter_rep_tau, "repetition"),
+              ("glued run", "glued", p.filter_glued_len, "glued")]
+    if p.filter_unspaced:
+        checks.append(("unspaced", "unspaced", 0, "unspaced"))
+    for name, key, tau, reason in checks:
         kept = sorted((r for r in records if r["kept"]), key=lambda r: r[key], reverse=True)[:k]
         dropped = sorted((r for r in records if reason in r["reasons"]), key=lambda r: r[key])[:k]
         out[f"{name} (threshold {tau:g})"] = kept + dropped

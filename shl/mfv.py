@@ -404,9 +404,10 @@ def thinking_scorer(model, tok, prompts: list[str], suffix: str, think_tokens: i
     closing = close_ids(tok, close) if close else []
     stops = torch.tensor(stop_ids(model, tok), dtype=torch.long, device=dev)
     S, K = len(suf_ids), k_pre + 1
+    ids = _tokenize(tok, prompts)
     window = getattr(model.config, "sliding_window", None)
     if window and "sliding_attention" in (getattr(model.config, "layer_types", None) or []):
-        longest = max(map(len, _tokenize(tok, prompts))) + think_tokens + S + max(map(len, opt_ids))
+        longest = max(map(len, ids)) + think_tokens + S + max(map(len, opt_ids))
         if longest >= window:
             raise ValueError(f"thinking {think_tokens} tokens makes a conversation of up to {longest} tokens, past "
                              f"the model's sliding window ({window}): lower eval_think_tokens")
@@ -414,7 +415,7 @@ def thinking_scorer(model, tok, prompts: list[str], suffix: str, think_tokens: i
     for start in range(0, len(prompts), batch_size):
         rows = list(range(start, min(start + batch_size, len(prompts))))
         B = len(rows)
-        inp, pmask = left_pad(_tokenize(tok, [prompts[i] for i in rows]), tok.pad_token_id)  # [B, L]
+        inp, pmask = left_pad([ids[i] for i in rows], tok.pad_token_id)  # [B, L]
         inp, pmask = inp.to(dev), pmask.to(dev)
         # a DynamicCache of our own: a preset's generation config could ask for none, or a static one too short
         gen = model.generate(input_ids=inp, attention_mask=pmask, max_new_tokens=think_tokens, do_sample=False,
