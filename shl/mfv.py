@@ -342,6 +342,9 @@ def aggregate(vignettes: list[dict], logp_fwd: np.ndarray, logp_rev: np.ndarray,
     score = (lf + lr) / 2  # position bias linear in the slot cancels here
     p = np.exp(score - score.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)  # [N, 7]
+    # per answer word, the mass it holds ([N, 7], mean of both orders): coherence is their sum, so a
+    # coherence loss can be traced to the word that lost it (on the embedded model, the prior's word)
+    mass = (np.exp(logp_fwd) + np.exp(logp_rev)) / 2 if pmass is None else None
     pmass_f, pmass_r = (np.exp(logp_fwd).sum(1), np.exp(logp_rev).sum(1)) if pmass is None else pmass
     pmass = (pmass_f + pmass_r) / 2
     nll = (nll_fwd + nll_rev) / 2
@@ -361,6 +364,8 @@ def aggregate(vignettes: list[dict], logp_fwd: np.ndarray, logp_rev: np.ndarray,
     summary = {f"{f}_nats": math.log(profile[f]) for f in FOUNDATIONS}
     summary.update(coherence=float(pmass.mean()), top1_acc=float(agree.mean()),
                    ppx_json=float(math.exp(nll.mean())), n=len(vignettes), **instrument(p, human))
+    if mass is not None:
+        summary.update({f"{f}_mass": float(mass[:, j].mean()) for j, f in enumerate(FOUNDATIONS)})
     return EvalResult(summary, rows, profile, dict(zip(FOUNDATIONS, human.mean(0).tolist())))
 
 

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -59,6 +61,31 @@ def test_forward_reversed_mean_cancels_a_planted_position_bias(tiny):
     # one order alone would carry the bias: the averaging is what removes it
     single = mfv.aggregate(mfv.load_vignettes(n), *[biased(1.5)([None] * n, mfv.OPTIONS)[0]] * 2, np.zeros(n), np.zeros(n))
     assert np.abs(single.table()["p_socialnorms"] - clean.table()["p_socialnorms"]).max() > 0.1
+
+
+def test_answer_word_masses_split_coherence_and_follow_the_word_that_lost_mass():
+    n = 14
+    rng = np.random.default_rng(1)
+    vignettes = mfv.load_vignettes(n)
+    logp = np.log(rng.dirichlet(np.ones(8), size=n)[:, :7])  # [N, 7]: 1/8 of the mass off the options
+    zeros = np.zeros(n)
+    res = mfv.aggregate(vignettes, logp, logp - 0.1, zeros, zeros)
+    masses = [res.summary[f"{f}_mass"] for f in FOUNDATIONS]
+    assert sum(masses) == pytest.approx(res.summary["coherence"], abs=1e-12)
+    # halve the sanctity word's mass in every row: coherence falls by exactly that word's loss
+    j = FOUNDATIONS.index("sanctity")
+    low = logp.copy()
+    low[:, j] += math.log(0.5)
+    moved = mfv.aggregate(vignettes, low, low - 0.1, zeros, zeros)
+    assert moved.summary["sanctity_mass"] == pytest.approx(res.summary["sanctity_mass"] / 2, rel=1e-12)
+    assert res.summary["coherence"] - moved.summary["coherence"] == pytest.approx(
+        res.summary["sanctity_mass"] / 2, rel=1e-9)
+    for f in FOUNDATIONS:
+        if f != "sanctity":
+            assert moved.summary[f"{f}_mass"] == pytest.approx(res.summary[f"{f}_mass"], rel=1e-12), f
+    # the yes/no protocol's log-probs are not answer-word masses: no mass keys there
+    yesno = mfv.aggregate(vignettes, logp, logp, zeros, zeros, pmass=(zeros + 0.5, zeros + 0.5))
+    assert not any(k.endswith("_mass") for k in yesno.summary)
 
 
 def test_full_option_readout_equals_first_token_when_every_option_is_one_token(tiny):
