@@ -342,10 +342,14 @@ def aggregate(vignettes: list[dict], logp_fwd: np.ndarray, logp_rev: np.ndarray,
     score = (lf + lr) / 2  # position bias linear in the slot cancels here
     p = np.exp(score - score.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)  # [N, 7]
-    # per answer word, the mass it holds ([N, 7], mean of both orders): coherence is their sum, so a
-    # coherence loss can be traced to the word that lost it (on the embedded model, the prior's word)
-    mass = (np.exp(logp_fwd) + np.exp(logp_rev)) / 2 if pmass is None else None
-    pmass_f, pmass_r = (np.exp(logp_fwd).sum(1), np.exp(logp_rev).sum(1)) if pmass is None else pmass
+    if pmass is None:
+        # per answer word, the mass it holds ([N, 7] per order): coherence is their sum, so a coherence
+        # loss can be traced to the word that lost it (on the embedded model, the prior's word)
+        mass_f, mass_r = np.exp(logp_fwd), np.exp(logp_rev)
+        mass = (mass_f + mass_r) / 2
+        pmass_f, pmass_r = mass_f.sum(1), mass_r.sum(1)
+    else:
+        mass, (pmass_f, pmass_r) = None, pmass
     pmass = (pmass_f + pmass_r) / 2
     nll = (nll_fwd + nll_rev) / 2
     human = np.array([[v[f"human_{c}"] for c in COARSE] for v in vignettes], dtype=float)
