@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 
 from shl.models import EMBEDDED, TINY
@@ -94,14 +95,21 @@ def check_model_path(model: str):
         raise ParamError(f"model folder {model} has no config.json: give the folder save_pretrained wrote")
 
 
-def check_kept_from(folder: str):
-    """03_heal's `kept_from`: a 02_generate_filter run folder with its kept set and vector."""
+def check_kept_from(folder: str, steer_method: str):
+    """03_heal's `kept_from`: a 02_generate_filter run folder with its kept set and vector, extracted
+    with the run's `steer_method` (params.yaml would otherwise name a method the data never saw)."""
     if not folder:
         return
     missing = [name for name in ("kept.jsonl", "vector_r0.pt") if not (Path(folder) / name).exists()]
     if missing:
         raise ParamError(f"kept_from {folder} is not a finished 02_generate_filter run folder "
                          f"(no {', '.join(missing)})")
+    # vectors saved before methods existed carry no method: they are mean differences
+    method = torch.load(Path(folder) / "vector_r0.pt", map_location="cpu", weights_only=True)["meta"].get(
+        "method", "mean_diff")
+    if method != steer_method:
+        raise ParamError(f"kept_from's vector was extracted with {method} but steer_method is {steer_method}: "
+                         f"pass -p steer_method {method} or another kept_from")
 
 
 def check_inputs(p: Params):
@@ -109,4 +117,4 @@ def check_inputs(p: Params):
     load_demo(p)
     load_contexts(p)
     check_model_path(p.model)
-    check_kept_from(p.kept_from)
+    check_kept_from(p.kept_from, p.steer_method)

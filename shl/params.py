@@ -54,11 +54,15 @@ class Params:
     trait_sign: int = knob(0, "-1: trait = that foundation's nats going down, +1: up (0 = the demo's)", choices=[-1, 0, 1])
 
     # --- steering (01) ---------------------------------------------------------------------
-    # mean_diff: the most selective at a matched p95 KL on the embedded model, at both budgets
-    # (journal/2026-11-28_01_vector_*; authority alone on, care off): 0.5 nat mean_diff +1.45,
-    # pca +1.31, lda +1.12; 1.0 nat +1.78, +1.77, +1.39. With care counted as intended pca leads
-    # (+1.03 vs +0.84; +1.38 vs +1.02), and at the same KL pca keeps more coherence (0.91x vs 0.82x)
-    steer_method: str = knob("mean_diff", "how the vector is extracted from the paired hidden states: mean_diff, "
+    # pca, chosen in the loop (issue 10, journal/2026-11-28_issue10_defaults/findings.md): the 3-round
+    # default loop with pca reached +1.93 / +1.91 nats raw by round 2 (seeds 0 / 1) at 0.92 / 1.01x
+    # base coherence, pass / broad; mean_diff on the same seeds +1.49 / +1.05 at 0.92 / 0.72x, pass /
+    # broad. pca's steered data keep more coherence at the same trait (round 0: 0.66x vs 0.50x), and
+    # the heal keeps more of them. In 01 alone (matched p95 KL, authority on, care off) mean_diff was
+    # the more selective vector: 0.5 nat mean_diff +1.45, pca +1.31, lda +1.12; 1.0 nat +1.78,
+    # +1.77, +1.39; with care counted as intended pca leads (+1.03 vs +0.84; +1.38 vs +1.02)
+    # (journal/2026-11-28_01_vector_*). The GPU presets keep mean_diff (not measured there)
+    steer_method: str = knob("pca", "how the vector is extracted from the paired hidden states: mean_diff, "
                              "pca (top PC of the centred differences) or lda (shrunk Fisher discriminant)",
                              choices=list(STEER_METHODS))
     # layers 18-23 of SmolLM2's 30 moved authority -1.19 nats at 0.91x base coherence (coeff 0.5);
@@ -79,6 +83,7 @@ class Params:
 
     # --- generation (02) -------------------------------------------------------------------
     gen_batch_size: int = knob(16, "completions per generate() call", lo=1)
+    # 80: 48 healed round 0 to +0.77 nats raw, but its null arm (48-token unsteered text) moved +0.53
     gen_max_new_tokens: int = knob(80, "tokens per sampled training completion", lo=1)
     # at 1.0 SmolLM2-135M rambles even unsteered (tail ppl up to ~35), so the filter cannot tell
     # steering damage from sampling noise; at 0.7 unsteered tails sit at 2-4
@@ -104,10 +109,15 @@ class Params:
 
     # --- walk-C (02) -----------------------------------------------------------------------
     kappa_min: float = knob(0.1, "lowest dose multiplier walk-C may settle on", lo=0, hi=1, lo_open=True)
+    # 0.75: 0.5 settled kappa 0.87 (0.65) and healed round 0 to +0.45 nats raw, +0.38 beyond the
+    # null (default seed 0: +0.36 / +0.36): more dose in the data is not more trait in the student
+    # (journal/2026-11-28_issue10_defaults/findings.md, sweep issue10_levers_r0)
     gen_pass_target: float = knob(0.75, "probe survival walk-C bisects kappa towards", lo=0, hi=1, lo_open=True)
     gen_probe_size: int = knob(16, "completions per walk-C probe batch", lo=1)
     walk_iters: int = knob(4, "bisection steps of kappa in log space", lo=0)
     gen_max_batches: int = knob(12, "generation batches (probes included) before starving is an error", lo=1)
+    # 48: 24 is inert (walk-C's 80 probe completions keep ~58 and the heal trains on all kept);
+    # 96 healed round 0 to +0.36 raw but its null arm drifted +0.32 (+0.04 beyond it)
     n_keep: int = knob(48, "kept completions to collect per round", lo=1)
     min_train: int = knob(24, "fewest kept completions a round may train on", lo=1)
 
@@ -137,6 +147,7 @@ class Params:
     # +1.49 / +1.05 / +1.43 raw, pass / broad / broad, 0.92 / 0.72 / 0.85x. It triples the heal's time
     epochs: int = knob(6, "passes over the kept completions", lo=1)
     train_batch_size: int = knob(4, "completions per micro-batch", lo=1)
+    # 2: 1 (78 steps of 4 instead of 42 of 8) healed round 0 to +0.47 raw, its null arm +0.35 (broad)
     grad_accum: int = knob(2, "micro-batches per optimizer step", lo=1)
     warmup_frac: float = knob(0.1, "fraction of steps with linear warm-up before the cosine decay", lo=0, hi=1)
     max_grad_norm: float = knob(1.0, "gradient clipping norm", lo=0, lo_open=True)

@@ -4,7 +4,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from shl import steer
 from shl.demos import check_inputs, load_contexts, load_demo
 from shl.journal import resolve_run
 from shl.params import ParamError, load_params
@@ -83,6 +85,19 @@ def test_model_paths_are_checked_and_hub_ids_left_to_the_loader(model, ok):
 def test_kept_from_must_be_a_finished_02_run(tmp_path):
     with pytest.raises(ParamError, match="not a finished 02_generate_filter run folder"):
         check_inputs(load_params("tiny", kept_from=str(tmp_path)))
+
+
+@pytest.mark.parametrize("meta, method, ok", [
+    ({"method": "pca"}, "pca", True), ({"method": "mean_diff"}, "pca", False), ({}, "mean_diff", True), ({}, "pca", False)])
+def test_kept_from_whose_vector_was_extracted_another_way_is_refused_before_a_model_loads(tmp_path, meta, method, ok):
+    (tmp_path / "kept.jsonl").write_text("")
+    steer.Vector({0: torch.ones(4)}, meta).save(tmp_path / "vector_r0.pt")
+    p = load_params("tiny", kept_from=str(tmp_path), steer_method=method)
+    if ok:
+        check_inputs(p)
+    else:
+        with pytest.raises(ParamError, match=f"extracted with mean_diff but steer_method is {method}"):
+            check_inputs(p)
 
 
 def test_the_authority_demo_names_care_as_its_companion_and_an_overridden_pair_has_none():
