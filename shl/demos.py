@@ -12,11 +12,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 import yaml
 
 from shl.models import EMBEDDED, TINY
 from shl.params import FOUNDATIONS, ParamError, Params
+from shl.steer import Vector
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -105,8 +105,7 @@ def check_kept_from(folder: str, steer_method: str):
         raise ParamError(f"kept_from {folder} is not a finished 02_generate_filter run folder "
                          f"(no {', '.join(missing)})")
     # vectors saved before methods existed carry no method: they are mean differences
-    method = torch.load(Path(folder) / "vector_r0.pt", map_location="cpu", weights_only=True)["meta"].get(
-        "method", "mean_diff")
+    method = Vector.load(Path(folder) / "vector_r0.pt").meta.get("method", "mean_diff")
     if method != steer_method:
         raise ParamError(f"kept_from's vector was extracted with {method} but steer_method is {steer_method}: "
                          f"pass -p steer_method {method} or another kept_from")
