@@ -11,12 +11,12 @@ Loss per micro-batch = NLL (mean over completion tokens)
 the step's loss is the mean over its micro-batches (the spectral term, the same on each, is
 computed once per step).
 
-Gradient norms in the log are exact on the steps that measure them (every `heal_grad_every`-th
-and the last): each micro-batch takes the gradient of the NLL term and of the barrier term
-separately (`torch.autograd.grad`), their sums over the step are what the log reports, and the
-total gradient is their sum (plus the spectral term's). That costs one extra backward pass per
-micro-batch while the barrier fires; other steps run one backward of the total and log the
-norms as nan (`heal_grad_norms=False`: no step splits).
+Every micro-batch trains on one backward pass of its total loss. On the steps that measure the
+gradient's terms (every `heal_grad_every`-th and the last), a micro-batch whose barrier fires also
+takes the barrier term's gradient in an extra backward pass (`torch.autograd.grad`); the NLL
+term's is the total's minus it. Their norms summed over the step are what the log reports; other
+steps log them as nan (`heal_grad_norms=False`: no step measures). The measuring never touches
+the gradient the weights follow, so the trained adapter is the same for any `heal_grad_every`.
 
 Forward and backward run in the model's dtype; the trained LoRA weights and AdamW state are
 float32 whatever it is (peft keeps them so), and the adapter is frozen into the model's dtype.
@@ -287,8 +287,8 @@ def _norm(grads) -> float:
 
 
 def measures_grads(p, step: int, total_steps: int) -> bool:
-    """Whether optimizer step `step` splits the gradient into its terms (an extra backward pass
-    while the barrier fires): every `heal_grad_every`-th step and the last one."""
+    """Whether optimizer step `step` measures the gradient's terms (an extra backward pass per
+    micro-batch while the barrier fires): every `heal_grad_every`-th step and the last one."""
     return p.heal_grad_norms and (step % p.heal_grad_every == 0 or step == total_steps - 1)
 
 
@@ -323,7 +323,7 @@ def heal(model, tok, records: list[dict], p, round_idx: int, history: list[str],
 
     log: steps (one dict per optimizer step; D and nll are means over its micro-batches,
     barrier_fired = some micro-batch had D > tau, grad_* are the norms of the step's summed
-    gradients of each term before clipping, nan on steps that do not split the gradient),
+    gradients of each term before clipping, nan on steps that do not measure them),
     epochs (train and held-out NLL), final_D (mean D over the last epoch's steps), seconds,
     barrier_fired_any."""
     t0 = time.time()
@@ -367,8 +367,8 @@ def heal(model, tok, records: list[dict], p, round_idx: int, history: list[str],
             for s in range(steps_per_epoch):
                 group = micro[s * p.grad_accum:(s + 1) * p.grad_accum]
                 k = len(group)
-                split = measures_grads(p, step, total_steps)
-                g_nll, g_bar, g_spec = ([torch.zeros_like(q) for q in params] for _ in range(3))
+                measure = measures_grads(p, step, total_steps)
+                g_tot, g_bar, g_spec = ([torch.zeros_like(q) for q in params] for _ in range(3))
                 nlls, Ds, fired = [], [], False
                 for idx in group:
                     batch = collate([train_ex[i] for i in idx], pad_id, dev)
@@ -377,16 +377,14 @@ def heal(model, tok, records: list[dict], p, round_idx: int, history: list[str],
                     nll, D = t["nll"].item(), t["D"].item()
                     if not (math.isfinite(nll) and math.isfinite(D) and torch.isfinite(t["total"])):
                         raise _non_finite(step, nll, D)
-                    if split:
-                        # relu(D - tau) == 0 has exactly zero gradient: skip that backward pass
-                        terms = [(g_nll, t["nll"])]
-                        if t["barrier"].item() > 0:
-                            terms.append((g_bar, t["barrier"]))
-                    else:  # one backward pass of the total; the per-term norms are not measured
-                        terms = [(g_nll, t["total"])]
-                    for acc, term in terms:
-                        for a, g in zip(acc, _grads(term, params, k)):
+                    # measuring steps take the barrier's gradient in an extra backward pass (relu(D - tau)
+                    # == 0 has exactly zero gradient: no pass then); the weights always follow the one
+                    # backward pass of the total, so the adapter is the same whichever steps measure
+                    if measure and t["barrier"].item() > 0:
+                        for a, g in zip(g_bar, _grads(t["barrier"], params, k)):
                             a += g
+                    for a, g in zip(g_tot, _grads(t["total"], params, k)):
+                        a += g
                     nlls.append(nll)
                     Ds.append(D)
                     fired |= p.reg != "nll" and D > p.tau
@@ -402,10 +400,12 @@ def heal(model, tok, records: list[dict], p, round_idx: int, history: list[str],
                                                                  materialize_grads=True)):
                         a += g
                     spec = spectral.item()
-                # the total gradient is the sum of the separately measured terms (linearity)
-                for q, a, b, c in zip(params, g_nll, g_bar, g_spec):
-                    q.grad = a + b + c
-                grad_nll, grad_bar = (_norm(g_nll), _norm(g_bar)) if split else (math.nan, math.nan)
+                for q, a, c in zip(params, g_tot, g_spec):
+                    q.grad = a + c
+                # the NLL's share of the total by linearity: the barrier is the smaller term, measured
+                # directly, so the difference loses no precision that matters to either norm
+                grad_nll, grad_bar = ((_norm([a - b for a, b in zip(g_tot, g_bar)]), _norm(g_bar)) if measure
+                                      else (math.nan, math.nan))
                 lr = opt.param_groups[0]["lr"]
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, p.max_grad_norm).item()
                 if not math.isfinite(grad_norm):
@@ -418,7 +418,7 @@ def heal(model, tok, records: list[dict], p, round_idx: int, history: list[str],
                 steps.append({
                     "step": step, "epoch": epoch, "nll": sum(nlls) / k, "D": sum(Ds) / k,
                     "barrier_fired": bool(fired), "grad_nll": grad_nll, "grad_barrier": grad_bar,
-                    "pressure": grad_bar / grad_nll if grad_nll > 0 else (0.0 if split else math.nan), "lr": lr,
+                    "pressure": grad_bar / grad_nll if grad_nll > 0 else (0.0 if measure else math.nan), "lr": lr,
                     "grad_norm": grad_norm, "spectral": spec,
                 })
                 bar.update(1)

@@ -12,10 +12,12 @@ Three kinds of `model`:
 from __future__ import annotations
 
 import copy
+import ctypes
 import importlib.util
 import json
 import math
 import os
+import platform
 import shutil
 import tempfile
 import time
@@ -118,9 +120,32 @@ def load_tokenizer(name: str):
     return tok
 
 
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse instead of handing it back to the kernel.
+
+    By default glibc serves every allocation above 32 MB (the per-step [N, V] log-probs, their
+    exp, their gradients: ~64 MB each for 324 completion positions of a 49k vocabulary) with a
+    fresh mmap and unmaps it on free, so each one page-faults in again: on this 2-core VM ~780 MB
+    of faults per heal micro-batch, ~20% of a heal and 10x the time of a vocab-sized exp or mul
+    (benchmarks/results/bench_loop.md). With mmap off and trimming off, freed blocks stay in the
+    heap and the next step reuses them; the numbers are the same, only the allocator differs.
+    Returns whether it applied (glibc on Linux only); the process keeps its peak heap."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL("libc.so.6")
+    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 def load_model(name: str = EMBEDDED, dtype: str = "auto", device: str = "auto", seed: int = 0):
-    """(model, tokenizer), model in eval mode on `device`."""
+    """(model, tokenizer), model in eval mode on `device`. On the CPU the allocator keeps freed
+    memory (`keep_freed_memory`)."""
     device = resolve_device(device)
+    if device == "cpu":
+        keep_freed_memory()
     torch_dtype = resolve_dtype(dtype, device)
     tok = load_tokenizer(name)
     if name == TINY:
