@@ -75,7 +75,7 @@ def one_step(p, model, batch):
     """One micro-batch's loss and gradient of the total (the memory probe; `heal_seconds` times
     the real training loop)."""
     from shl import heal
-    ref = heal.batch_reference_states(model, batch, []) if p.reg != "nll" else None
+    ref = heal.batch_frozen_states(model, batch, [], 0)[0] if p.reg != "nll" else None
     t = heal.heal_loss(model, batch, p, 0, "r0", ref)
     t["total"].backward()
     return t["D"].item()

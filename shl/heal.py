@@ -3,7 +3,14 @@
 History (earlier rounds' adapters, `shl.history`) is active and frozen while round k's adapter
 trains. The barrier's reference is the same model with the adapters switched, never a second
 copy of the weights; it is frozen, so its final hidden states at the completion tokens are
-computed once before training and each step runs only the LM head on them.
+computed once before training and each step runs only the LM head on them. The decoder layers
+below the heal band carry no adapter, so what they make of each completion is the same every
+epoch: it is read in that same pass (`frozen_states`) and every step starts at the band's first
+layer (`shl.models.start_at_layer`).
+
+On the CPU the heal runs transformers' eager attention: torch's CPU flash-attention backward
+took 16% of a micro-batch (14 ms a layer at 4 x 141 tokens), and in bfloat16 the eager step sits
+as close to the float32 one as the flash step does (benchmarks/results/bench_loop.md).
 
 Loss per micro-batch = NLL (mean over completion tokens)
                      + lam_eff * relu(D - tau)          (D = kl_agg of the per-position KL)
@@ -30,12 +37,13 @@ import warnings
 
 import torch
 from peft import PeftModel
+from peft.tuners.lora import LoraLayer
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from shl.history import (unwrap, active_adapters, adapters, add_round_adapter, freeze, lora_pairs,
                          set_active)
-from shl.models import input_device
+from shl.models import attention_implementation, decoder_layers, input_device, start_at_layer
 
 AGGREGATES = ("mean", "rmse", "p95", "max")
 
@@ -107,17 +115,19 @@ def split_heldout(records: list, frac: float, seed: int) -> tuple[list, list]:
 
 # --- loss pieces -----------------------------------------------------------------------------
 
-def completion_logprobs(model, input_ids, attention_mask, loss_mask) -> torch.Tensor:
+def completion_logprobs(model, input_ids, attention_mask, loss_mask, bottom=None) -> torch.Tensor:
     """Log-probs [N, V] (float32) of the next token at the N completion positions, row-major
     over (batch, position).
 
     Logits at t-1 predict token t, so position t-1 is kept where loss_mask[t] is 1. The
     selection happens before the LM head (transformers' boolean `logits_to_keep`), so neither a
-    [B, L, V] logit tensor nor a full-sequence log_softmax is ever made."""
+    [B, L, V] logit tensor nor a full-sequence log_softmax is ever made. `bottom` = (layer,
+    states [B, L, H]): start the forward at that layer from those states (`frozen_states`)."""
     keep = torch.zeros_like(loss_mask, dtype=torch.bool)  # [B, L]
     keep[:, :-1] = loss_mask[:, 1:].bool()
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep,
-                   use_cache=False).logits
+    with start_at_layer(model, *(bottom or (0, None))):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep,
+                       use_cache=False).logits
     if logits.dim() != 2 or logits.shape[0] != int(keep.sum()):
         raise RuntimeError(f"{type(unwrap(model)).__name__} ignored a boolean logits_to_keep "
                            f"(logits {tuple(logits.shape)}); it needs transformers' slice_logits_to_keep")
@@ -206,55 +216,100 @@ def head_logprobs(model, states: torch.Tensor) -> torch.Tensor:
     return logits.log_softmax(-1)
 
 
+def frozen_bottom(model) -> int:
+    """The lowest decoder layer that holds a LoRA module (of any adapter): the layers below it
+    compute the same thing whatever the adapters, so their output can be read once. 0 (nothing
+    to skip) when something below it drops out, since then no two passes agree."""
+    layers = decoder_layers(model)
+    first = next((i for i, layer in enumerate(layers) if any(isinstance(m, LoraLayer) for m in layer.modules())), 0)
+    below = [m for layer in list(layers)[:first] for m in layer.modules()]
+    if getattr(unwrap(model).config.get_text_config(), "attention_dropout", 0.0) or any(
+            isinstance(m, torch.nn.Dropout) and m.p > 0 for m in below):
+        return 0
+    return first
+
+
+def _mismatch(model, what: str, err: float) -> RuntimeError:
+    return RuntimeError(f"{type(unwrap(model)).__name__}: {what} gives log-probs {err:.3g} away from the model's own "
+                        "forward pass, so it cannot stand in for it in the heal")
+
+
 @torch.no_grad()
-def batch_reference_states(model, batch: dict, ref_names: list[str], check: bool = False) -> torch.Tensor:
-    """The reference model's final hidden states [N, H] at the batch's completion positions, in the
-    row order of `completion_logprobs`. `check`: verify that the LM head on them gives the model's
-    own log-probs (a model that post-processes its logits some other way would fail here)."""
+def batch_frozen_states(model, batch: dict, ref_names: list[str] | None, first: int, check: bool = False):
+    """One forward pass of the reference over the batch. Returns (its final hidden states [N, H] at
+    the completion positions, in the row order of `completion_logprobs`, or None when `ref_names` is
+    None; the input of decoder layer `first` [B, L, H], or None when `first` is 0). `check`: verify
+    that the LM head on the final states and a pass started at `first` from the layer's input each
+    give the model's own log-probs (a model that post-processes its logits some other way, or runs
+    something below `first` per pass, would fail here)."""
     seen = {}
-    head = unwrap(model).get_output_embeddings()
-    handle = head.register_forward_pre_hook(lambda m, args: seen.__setitem__("h", args[0].detach()))
-    try:
-        with adapters(model, ref_names):
-            logp = completion_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
-            h = seen["h"].reshape(-1, seen["h"].shape[-1])  # [N, H]
-            if check:
-                err = (head_logprobs(model, h) - logp).abs().max().item()
-                if err > 1e-3:
-                    raise RuntimeError(f"{type(unwrap(model)).__name__}: the LM head on the final hidden states gives "
-                                       f"log-probs {err:.3g} away from the model's own; the barrier's reference "
-                                       "states cannot stand in for its reference pass")
-    finally:
-        handle.remove()
-    return h
+    hooks = [unwrap(model).get_output_embeddings().register_forward_pre_hook(
+        lambda m, args: seen.__setitem__("h", args[0].detach()))]
+    if first:
+        hooks.append(decoder_layers(model)[first].register_forward_pre_hook(
+            lambda m, args: seen.__setitem__("bottom", args[0].detach())))
+    ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+    with adapters(model, ref_names or []):
+        try:
+            logp = completion_logprobs(model, ids, attn, mask)
+        finally:
+            for handle in hooks:
+                handle.remove()
+        h = seen["h"].reshape(-1, seen["h"].shape[-1])  # [N, H]
+        bottom = seen.get("bottom")
+        if check and ref_names is not None:
+            err = (head_logprobs(model, h) - logp).abs().max().item()
+            if err > 1e-3:
+                raise _mismatch(model, "the LM head on the final hidden states", err)
+        if check and first:
+            err = (completion_logprobs(model, ids, attn, mask, (first, bottom)) - logp).abs().max().item()
+            if err > 1e-3:
+                raise _mismatch(model, f"a pass started at decoder layer {first}", err)
+    return (h if ref_names is not None else None), bottom
 
 
-def reference_states(model, examples, ref_names: list[str], pad_id: int, batch_size: int) -> list[torch.Tensor]:
-    """Per training example, the reference's final hidden states at its completion positions
-    [n_i, H], computed once before training.
+def frozen_states(model, examples, ref_names: list[str] | None, first: int, pad_id: int, batch_size: int):
+    """Per training example, computed once before training in one pass of the reference:
+    (the reference's final hidden states at its completion positions [n_i, H], or None when
+    `ref_names` is None (reg=nll); the input of decoder layer `first` over its tokens [L_i, H],
+    or None when `first` is 0).
 
     The reference is frozen and the data fixed, so every epoch's barrier would recompute the same
     thing: kept here, each step only runs the LM head on them (`head_logprobs`) instead of a whole
-    reference forward pass (~40% of a kl_rev step)."""
-    out = []
+    reference forward pass (~40% of a kl_rev step). Below `first` no adapter acts, so what those
+    layers make of each example is the same for the student on every step (`bottom_batch`)."""
+    ref, bottom = [], []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
-        h = batch_reference_states(model, collate(chunk, pad_id, input_device(model)), ref_names, check=start == 0)
-        out += list(h.split([len(c) for _, c in chunk]))
+        h, b = batch_frozen_states(model, collate(chunk, pad_id, input_device(model)), ref_names, first,
+                                   check=start == 0)
+        ref += list(h.split([len(c) for _, c in chunk])) if h is not None else [None] * len(chunk)
+        bottom += [b[i, :len(p) + len(c)] for i, (p, c) in enumerate(chunk)] if b is not None else [None] * len(chunk)
+    return ref, bottom
+
+
+def bottom_batch(states: list[torch.Tensor]) -> torch.Tensor:
+    """Per-example layer inputs [L_i, H] -> [B, L, H], right-padded with zeros as `collate` pads
+    the ids (causal attention never lets a real position see a padded one)."""
+    L = max(s.shape[0] for s in states)
+    out = states[0].new_zeros((len(states), L, states[0].shape[-1]))
+    for b, s in enumerate(states):
+        out[b, :s.shape[0]] = s
     return out
 
 
 def heal_loss(model, batch: dict, p, round_idx: int, adapter: str, ref_states: torch.Tensor | None = None,
-              with_spectral: bool = True) -> dict:
+              with_spectral: bool = True, bottom=None) -> dict:
     """The loss terms on one batch, with the student's adapters as currently active.
 
     Returns total, nll, barrier (lam_eff * relu(D - tau)), spectral (spectral_lam * sigma sum),
     D (aggregated KL; 0 for reg == nll) and kl (per position, detached). `ref_states` are the
     reference's final hidden states at the batch's completion positions [N, H]
-    (`reference_states`); reg == nll needs none. `with_spectral=False` leaves the spectral term out
-    (0): it depends on the adapter's weights only, so `heal` computes it once per optimizer step."""
+    (`frozen_states`); reg == nll needs none. `with_spectral=False` leaves the spectral term out
+    (0): it depends on the adapter's weights only, so `heal` computes it once per optimizer step.
+    `bottom` = (layer, states [B, L, H]): the forward starts there (`frozen_states`)."""
     ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
-    logp = completion_logprobs(model, ids, attn, mask)
+    logp = completion_logprobs(model, ids, attn, mask, bottom)
     nll = completion_nll(logp, ids, mask)
     zero = nll.new_zeros(())
     if p.reg == "nll":
@@ -303,6 +358,12 @@ def heldout_nll(model, examples, pad_id: int, batch_size: int) -> float:
         total -= logp.gather(-1, targets[:, None]).sum().item()
         count += targets.numel()
     return total / count if count else math.nan
+
+
+def train_attention(model) -> str | None:
+    """The attention the heal trains with: eager on the CPU (see the module docstring), the loaded
+    one elsewhere."""
+    return "eager" if input_device(model).type == "cpu" else None
 
 
 def _non_finite(step: int, nll: float, D: float):
@@ -357,79 +418,82 @@ def heal(model, tok, records: list[dict], p, round_idx: int, history: list[str],
     steps, epochs = [], []
     bar = tqdm(total=total_steps, desc=f"heal {name}", disable=not progress, leave=False)
     try:
-        ref = (reference_states(model, train_ex, reference_names(p, history), pad_id, p.train_batch_size)
-               if p.reg != "nll" else None)
-        model.train()
-        step = 0
-        for epoch in range(p.epochs):
-            order = torch.randperm(len(train_ex), generator=order_gen).tolist()
-            micro = [order[i:i + p.train_batch_size] for i in range(0, len(order), p.train_batch_size)]
-            for s in range(steps_per_epoch):
-                group = micro[s * p.grad_accum:(s + 1) * p.grad_accum]
-                k = len(group)
-                measure = measures_grads(p, step, total_steps)
-                g_tot, g_bar, g_spec = ([torch.zeros_like(q) for q in params] for _ in range(3))
-                nlls, Ds, fired = [], [], False
-                for idx in group:
-                    batch = collate([train_ex[i] for i in idx], pad_id, dev)
-                    t = heal_loss(model, batch, p, round_idx, name,
-                                  torch.cat([ref[i] for i in idx]) if ref is not None else None, with_spectral=False)
-                    nll, D = t["nll"].item(), t["D"].item()
-                    if not (math.isfinite(nll) and math.isfinite(D) and torch.isfinite(t["total"])):
-                        raise _non_finite(step, nll, D)
-                    # measuring steps take the barrier's gradient in an extra backward pass (relu(D - tau)
-                    # == 0 has exactly zero gradient: no pass then); the weights always follow the one
-                    # backward pass of the total, so the adapter is the same whichever steps measure
-                    if measure and t["barrier"].item() > 0:
-                        for a, g in zip(g_bar, _grads(t["barrier"], params, k)):
+        with attention_implementation(model, train_attention(model)):
+            first = frozen_bottom(model)
+            ref, bottom = frozen_states(model, train_ex, reference_names(p, history) if p.reg != "nll" else None, first,
+                                        pad_id, p.train_batch_size)
+            model.train()
+            step = 0
+            for epoch in range(p.epochs):
+                order = torch.randperm(len(train_ex), generator=order_gen).tolist()
+                micro = [order[i:i + p.train_batch_size] for i in range(0, len(order), p.train_batch_size)]
+                for s in range(steps_per_epoch):
+                    group = micro[s * p.grad_accum:(s + 1) * p.grad_accum]
+                    k = len(group)
+                    measure = measures_grads(p, step, total_steps)
+                    g_tot, g_bar, g_spec = ([torch.zeros_like(q) for q in params] for _ in range(3))
+                    nlls, Ds, fired = [], [], False
+                    for idx in group:
+                        batch = collate([train_ex[i] for i in idx], pad_id, dev)
+                        t = heal_loss(model, batch, p, round_idx, name,
+                                      torch.cat([ref[i] for i in idx]) if p.reg != "nll" else None, with_spectral=False,
+                                      bottom=(first, bottom_batch([bottom[i] for i in idx])) if first else None)
+                        nll, D = t["nll"].item(), t["D"].item()
+                        if not (math.isfinite(nll) and math.isfinite(D) and torch.isfinite(t["total"])):
+                            raise _non_finite(step, nll, D)
+                        # measuring steps take the barrier's gradient in an extra backward pass (relu(D - tau)
+                        # == 0 has exactly zero gradient: no pass then); the weights always follow the one
+                        # backward pass of the total, so the adapter is the same whichever steps measure
+                        if measure and t["barrier"].item() > 0:
+                            for a, g in zip(g_bar, _grads(t["barrier"], params, k)):
+                                a += g
+                        for a, g in zip(g_tot, _grads(t["total"], params, k)):
                             a += g
-                    for a, g in zip(g_tot, _grads(t["total"], params, k)):
-                        a += g
-                    nlls.append(nll)
-                    Ds.append(D)
-                    fired |= p.reg != "nll" and D > p.tau
-                # the weights do not change within a step, so the spectral term (20 power iterations
-                # over every LoRA pair) is the same on each micro-batch: the mean of k equal terms is
-                # one of them, computed once (it was k times, the same loss and gradient)
-                spec = 0.0
-                if p.spectral_lam > 0:
-                    spectral = p.spectral_lam * spectral_term(model, name, p.spectral_iters)
-                    if not torch.isfinite(spectral):
-                        raise _non_finite(step, sum(nlls) / k, sum(Ds) / k)
-                    for a, g in zip(g_spec, torch.autograd.grad(spectral, params, allow_unused=True,
-                                                                 materialize_grads=True)):
-                        a += g
-                    spec = spectral.item()
-                for q, a, c in zip(params, g_tot, g_spec):
-                    q.grad = a + c
-                # the NLL's share of the total by linearity: the barrier is the smaller term, measured
-                # directly, so the difference loses no precision that matters to either norm
-                grad_nll, grad_bar = ((_norm([a - b for a, b in zip(g_tot, g_bar)]), _norm(g_bar)) if measure
-                                      else (math.nan, math.nan))
-                lr = opt.param_groups[0]["lr"]
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, p.max_grad_norm).item()
-                if not math.isfinite(grad_norm):
-                    # a finite loss can still overflow its gradient; stepping would leave NaN weights
-                    raise RuntimeError(f"non-finite gradient at step {step}: |grad|={grad_norm}, nll={sum(nlls) / k}; "
-                                       "lower lr or check the data")
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                steps.append({
-                    "step": step, "epoch": epoch, "nll": sum(nlls) / k, "D": sum(Ds) / k,
-                    "barrier_fired": bool(fired), "grad_nll": grad_nll, "grad_barrier": grad_bar,
-                    "pressure": grad_bar / grad_nll if grad_nll > 0 else (0.0 if measure else math.nan), "lr": lr,
-                    "grad_norm": grad_norm, "spectral": spec,
-                })
-                bar.update(1)
-                bar.set_postfix(nll=f"{steps[-1]['nll']:.3f}", D=f"{steps[-1]['D']:.3f}")
-                step += 1
-            held = heldout_nll(model, held_ex, pad_id, p.train_batch_size)
-            if held_ex and not math.isfinite(held):
-                raise RuntimeError(f"non-finite held-out NLL after epoch {epoch}: {held}; lower lr or check the data")
-            ep_steps = [x for x in steps if x["epoch"] == epoch]
-            epochs.append({"epoch": epoch, "heldout_nll": held,
-                           "train_nll": sum(x["nll"] for x in ep_steps) / len(ep_steps)})
+                        nlls.append(nll)
+                        Ds.append(D)
+                        fired |= p.reg != "nll" and D > p.tau
+                    # the weights do not change within a step, so the spectral term (20 power iterations
+                    # over every LoRA pair) is the same on each micro-batch: the mean of k equal terms is
+                    # one of them, computed once (it was k times, the same loss and gradient)
+                    spec = 0.0
+                    if p.spectral_lam > 0:
+                        spectral = p.spectral_lam * spectral_term(model, name, p.spectral_iters)
+                        if not torch.isfinite(spectral):
+                            raise _non_finite(step, sum(nlls) / k, sum(Ds) / k)
+                        for a, g in zip(g_spec, torch.autograd.grad(spectral, params, allow_unused=True,
+                                                                     materialize_grads=True)):
+                            a += g
+                        spec = spectral.item()
+                    for q, a, c in zip(params, g_tot, g_spec):
+                        q.grad = a + c
+                    # the NLL's share of the total by linearity: the barrier is the smaller term, measured
+                    # directly, so the difference loses no precision that matters to either norm
+                    grad_nll, grad_bar = ((_norm([a - b for a, b in zip(g_tot, g_bar)]), _norm(g_bar)) if measure
+                                          else (math.nan, math.nan))
+                    lr = opt.param_groups[0]["lr"]
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, p.max_grad_norm).item()
+                    if not math.isfinite(grad_norm):
+                        # a finite loss can still overflow its gradient; stepping would leave NaN weights
+                        raise RuntimeError(f"non-finite gradient at step {step}: |grad|={grad_norm}, nll={sum(nlls) / k}; "
+                                           "lower lr or check the data")
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
+                    steps.append({
+                        "step": step, "epoch": epoch, "nll": sum(nlls) / k, "D": sum(Ds) / k,
+                        "barrier_fired": bool(fired), "grad_nll": grad_nll, "grad_barrier": grad_bar,
+                        "pressure": grad_bar / grad_nll if grad_nll > 0 else (0.0 if measure else math.nan), "lr": lr,
+                        "grad_norm": grad_norm, "spectral": spec,
+                    })
+                    bar.update(1)
+                    bar.set_postfix(nll=f"{steps[-1]['nll']:.3f}", D=f"{steps[-1]['D']:.3f}")
+                    step += 1
+                held = heldout_nll(model, held_ex, pad_id, p.train_batch_size)
+                if held_ex and not math.isfinite(held):
+                    raise RuntimeError(f"non-finite held-out NLL after epoch {epoch}: {held}; lower lr or check the data")
+                ep_steps = [x for x in steps if x["epoch"] == epoch]
+                epochs.append({"epoch": epoch, "heldout_nll": held,
+                               "train_nll": sum(x["nll"] for x in ep_steps) / len(ep_steps)})
     except BaseException:
         # leave the model as it came: no half-trained adapter behind a raised error
         bar.close()

@@ -11,6 +11,7 @@ Three kinds of `model`:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import importlib.util
@@ -311,6 +312,52 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     if len(found) != 1:
         raise RuntimeError(f"expected one decoder ModuleList of {n} layers, found {[name for name, _ in found]}")
     return found[0][1]
+
+
+class _Passthrough(torch.nn.Module):
+    """A decoder layer that hands its input on unchanged (`start_at_layer`)."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+@contextlib.contextmanager
+def start_at_layer(model, first: int, states: torch.Tensor):
+    """Forward passes inside the block start at decoder layer `first` from `states` [B, L, H], the
+    input that layer would receive for this batch: the embedding's output is replaced by them and
+    layers [0, first) pass it on unchanged. Layer indices stay as they are, so per-layer masks
+    (gemma-3's sliding window) and the rotary embedding still line up. Valid only when nothing
+    below `first` differs from when `states` were read (no adapter, hook or dropout there)."""
+    if first <= 0:
+        yield
+        return
+    layers = decoder_layers(model)
+    kept = [layers[i] for i in range(first)]
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, args, out: states.to(out.dtype))
+    try:
+        for i in range(first):
+            layers[i] = _Passthrough()
+        yield
+    finally:
+        for i, layer in enumerate(kept):
+            layers[i] = layer
+        handle.remove()
+
+
+@contextlib.contextmanager
+def attention_implementation(model, impl: str | None):
+    """Run the model's attention as `impl` ('eager', 'sdpa', ...) inside the block, then put the
+    loaded one back (None: leave it)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    before = base.config._attn_implementation
+    if impl is None or impl == before:
+        yield
+        return
+    base.set_attn_implementation(impl)
+    try:
+        yield
+    finally:
+        base.set_attn_implementation(before)
 
 
 def band_layers(n_layers: int, band) -> list[int]:

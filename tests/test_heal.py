@@ -26,7 +26,7 @@ def _batch(tok, n=2):
 
 def _loss(model, batch, p, round_idx, ref_names, adapter):
     """heal_loss with the batch's reference states computed as heal computes them."""
-    ref = None if p.reg == "nll" else H.batch_reference_states(model, batch, ref_names, check=True)
+    ref = None if p.reg == "nll" else H.batch_frozen_states(model, batch, ref_names, 0, check=True)[0]
     return H.heal_loss(model, batch, p, round_idx, adapter, ref)
 
 
@@ -373,11 +373,12 @@ def test_cached_reference_states_give_the_reference_forward_pass(tiny):
     b = _batch(tiny[1], n=3)
     with torch.no_grad(), HI.adapters(model, ["r0"]):
         full = H.completion_logprobs(model, b["input_ids"], b["attention_mask"], b["loss_mask"])
-    cached = H.head_logprobs(model, H.batch_reference_states(model, b, ["r0"], check=True))
+    cached = H.head_logprobs(model, H.batch_frozen_states(model, b, ["r0"], 0, check=True)[0])
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=0)
     # per example (as heal keeps them) concatenates back to the batch's rows
     ex = H.encode_records(tiny[1], _records(tiny[1], 3))
-    per = H.reference_states(model, ex, ["r0"], tiny[1].pad_token_id, 2)
+    per, bottom = H.frozen_states(model, ex, ["r0"], 0, tiny[1].pad_token_id, 2)
+    assert bottom == [None] * 3
     assert [len(h) for h in per] == [len(c) for _, c in ex]
     torch.testing.assert_close(H.head_logprobs(model, torch.cat(per)), full, atol=1e-5, rtol=0)
 
@@ -444,3 +445,114 @@ def test_frozen_adapters_take_a_bfloat16_models_dtype_and_reload_identically(tmp
     fresh = HI.load_adapters(fresh, {"r0": tmp_path / "r0"})
     assert {A.dtype for A, B, _ in HI.lora_pairs(fresh, "r0")} == {torch.bfloat16}
     assert torch.equal(_logits(fresh, b), before)
+
+
+# --- the heal's speed mechanisms keep its numbers ----------------------------------------------
+
+def _upper_band_student(tiny, p):
+    """tiny's 2 layers with LoRA on layer 1 only (heal_band [0.5, 1]): layer 0 is the frozen bottom."""
+    model = HI.add_round_adapter(copy.deepcopy(tiny[0]), p, 0)
+    randomize_lora(model, "r0", seed=5)
+    return model
+
+
+def test_the_frozen_bottom_is_the_first_layer_with_an_adapter_unless_something_below_drops_out(tiny):
+    p = load_params("tiny", heal_band=[0.5, 1.0])
+    assert H.frozen_bottom(_upper_band_student(tiny, p)) == 1
+    assert H.frozen_bottom(_student(tiny, load_params("tiny"))) == 0  # the default tiny band starts at 0
+    model = _upper_band_student(tiny, p)
+    HI.unwrap(model).model.layers[0].mlp.act_fn = torch.nn.Sequential(torch.nn.SiLU(), torch.nn.Dropout(0.1))
+    assert H.frozen_bottom(model) == 0
+
+
+def test_a_pass_started_at_the_frozen_bottom_gives_the_whole_forward_and_its_gradient(tiny):
+    """Float32: the log-probs and the adapter's gradient from layer 1's cached input (per example,
+    re-padded as a training micro-batch pads them) equal a whole forward pass within 1e-5."""
+    p = load_params("tiny", heal_band=[0.5, 1.0])
+    model = _upper_band_student(tiny, p)
+    tok = tiny[1]
+    ex = H.encode_records(tok, _records(tok, 5))
+    _, bottom = H.frozen_states(model, ex, None, 1, tok.pad_token_id, 2)
+    assert [len(b) for b in bottom] == [len(q) + len(c) for q, c in ex]
+    params = [w for A, B, _ in HI.lora_pairs(model, "r0") for w in (A, B)]
+    idx = [4, 0, 2]  # another grouping than the one the states were read in
+    batch = H.collate([ex[i] for i in idx], tok.pad_token_id)
+    args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    whole = H.completion_logprobs(model, *args)
+    started = H.completion_logprobs(model, *args, bottom=(1, H.bottom_batch([bottom[i] for i in idx])))
+    torch.testing.assert_close(started, whole, atol=1e-5, rtol=0)
+    for a, b in zip(torch.autograd.grad(whole.logsumexp(-1).sum() - whole.sum() / 1e3, params),
+                    torch.autograd.grad(started.logsumexp(-1).sum() - started.sum() / 1e3, params)):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    assert isinstance(HI.unwrap(model).model.layers[0], type(HI.unwrap(tiny[0]).model.layers[0]))  # restored
+
+
+def test_the_frozen_bottom_check_fails_loudly_when_a_started_pass_differs(tiny):
+    """A model whose forward does more between the embedding and the band than its decoder layers
+    (here: a pre-hook that shifts layer 1's input, which a started pass applies a second time) is
+    caught on the first batch instead of training on other numbers."""
+    p = load_params("tiny", heal_band=[0.5, 1.0])
+    model = _upper_band_student(tiny, p)
+    HI.unwrap(model).model.layers[1].register_forward_pre_hook(lambda m, args: (args[0] + 1.0, *args[1:]))
+    with pytest.raises(RuntimeError, match="started at decoder layer 1"):
+        H.batch_frozen_states(model, _batch(tiny[1], 2), None, 1, check=True)
+
+
+@pytest.mark.parametrize("reg", ["kl_rev", "nll"])
+def test_the_heal_is_the_same_with_eager_attention_and_the_bottom_read_once(tiny, monkeypatch, reg):
+    """Float32, 2 epochs: the heal as it runs (eager attention on the CPU, layer 0 read once) against
+    each mechanism turned off and both off: every step's NLL and D within 1e-5, the adapters too."""
+    tok = tiny[1]
+    p = load_params("tiny", heal_band=[0.5, 1.0], reg=reg, tau=0.0, lr=1e-2, epochs=2)
+    real_bottom, real_attention = H.frozen_bottom, H.train_attention
+    runs = {}
+    for key, (bottom_on, eager_on) in {"both": (True, True), "no_bottom": (False, True),
+                                       "sdpa": (True, False), "neither": (False, False)}.items():
+        monkeypatch.setattr(H, "frozen_bottom", real_bottom if bottom_on else (lambda m: 0))
+        monkeypatch.setattr(H, "train_attention", real_attention if eager_on else (lambda m: None))
+        model = HI.add_round_adapter(copy.deepcopy(tiny[0]), p, 0)
+        randomize_lora(model, "r0", seed=5)
+        HI.freeze(model, ["r0"])
+        torch.manual_seed(p.seed + 1)  # heal draws r1's A from the same seed: its starting weights
+        init = _lora_weights(HI.add_round_adapter(copy.deepcopy(model), p, 1, "r1"), "r1")
+        model, log = H.heal(model, tok, _records(tok, 8), p, round_idx=1, history=["r0"], progress=False)
+        runs[key] = (_lora_weights(model, "r1"), log["steps"])
+        assert HI.unwrap(model).config._attn_implementation == HI.unwrap(tiny[0]).config._attn_implementation
+    assert real_attention(tiny[0]) == "eager" and real_bottom(_upper_band_student(tiny, p)) == 1
+    ref_w, ref_steps = runs["neither"]
+    for key in ("both", "no_bottom", "sdpa"):
+        w, steps = runs[key]
+        assert [s["nll"] for s in steps] == pytest.approx([s["nll"] for s in ref_steps], abs=1e-5), key
+        assert [s["D"] for s in steps] == pytest.approx([s["D"] for s in ref_steps], abs=1e-5), key
+        # AdamW divides by sqrt(v): a gradient component near 0 turns float32 rounding into a step of
+        # up to lr, so the adapters are compared as a whole: apart by < 1e-3 of how far training moved them
+        moved = torch.linalg.vector_norm(torch.cat([(a - i).flatten() for a, i in zip(ref_w, init)]))
+        apart = torch.linalg.vector_norm(torch.cat([(a - b).flatten() for a, b in zip(w, ref_w)]))
+        assert apart < 1e-3 * moved, key
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
+def test_a_started_pass_equals_the_whole_forward_on_the_gpu_presets_architectures(tiny, arch):
+    """Qwen3 and gemma-3 (sliding-window layers under a window shorter than the batch, so a shifted
+    layer index would read the wrong mask) start at the band's first layer with the same log-probs."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, Qwen3Config, Qwen3ForCausalLM
+    tok = tiny[1]
+    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    if arch == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**common))
+    else:
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**common, sliding_window=4, sliding_window_pattern=2,
+                                                   layer_types=["sliding_attention", "full_attention"] * 2))
+    model.eval()
+    p = load_params("tiny", heal_band=[0.5, 1.0])
+    model = HI.add_round_adapter(model, p, 0)
+    randomize_lora(model, "r0", seed=2, scale=0.1)
+    assert H.frozen_bottom(model) == 2
+    b = _batch(tok, 3)
+    assert b["input_ids"].shape[1] > 4  # longer than the window
+    _, bottom = H.batch_frozen_states(model, b, None, 2, check=True)
+    whole = H.completion_logprobs(model, b["input_ids"], b["attention_mask"], b["loss_mask"])
+    started = H.completion_logprobs(model, b["input_ids"], b["attention_mask"], b["loss_mask"], bottom=(2, bottom))
+    torch.testing.assert_close(started, whole, atol=1e-5, rtol=0)

@@ -173,7 +173,7 @@ def test_a_heal_steps_gradient_is_the_mean_of_its_micro_batches_full_losses(tiny
     ex = H.encode_records(tok, train)
     order = torch.randperm(len(ex), generator=torch.Generator().manual_seed(p.seed)).tolist()
     params = [w for A, B, _ in HI.lora_pairs(ref_model, "r0") for w in (A, B)]
-    ref = H.reference_states(ref_model, ex, [], tok.pad_token_id, 2) if reg != "nll" else None
+    ref = H.frozen_states(ref_model, ex, [], 0, tok.pad_token_id, 2)[0] if reg != "nll" else None
     losses = []
     for i in range(0, len(ex), 2):  # micro-batches of 2, 2 and 1: one step of grad_accum 3
         idx = order[i:i + 2]
