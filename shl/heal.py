@@ -31,6 +31,7 @@ float32 whatever it is (peft keeps them so), and the adapter is frozen into the 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -125,7 +126,7 @@ def completion_logprobs(model, input_ids, attention_mask, loss_mask, bottom=None
     states [B, L, H]): start the forward at that layer from those states (`frozen_states`)."""
     keep = torch.zeros_like(loss_mask, dtype=torch.bool)  # [B, L]
     keep[:, :-1] = loss_mask[:, 1:].bool()
-    with start_at_layer(model, *(bottom or (0, None))):
+    with start_at_layer(model, *bottom) if bottom else contextlib.nullcontext():
         logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep,
                        use_cache=False).logits
     if logits.dim() != 2 or logits.shape[0] != int(keep.sum()):
@@ -278,6 +279,8 @@ def frozen_states(model, examples, ref_names: list[str] | None, first: int, pad_
     thing: kept here, each step only runs the LM head on them (`head_logprobs`) instead of a whole
     reference forward pass (~40% of a kl_rev step). Below `first` no adapter acts, so what those
     layers make of each example is the same for the student on every step (`bottom_batch`)."""
+    if ref_names is None and not first:  # reg=nll with adapters from layer 0: nothing to read
+        return [None] * len(examples), [None] * len(examples)
     ref, bottom = [], []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
