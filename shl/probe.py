@@ -152,12 +152,12 @@ def pmi_gaps(model, tok, items: list[dict], system: str | None, batch_size: int)
     Holtzman et al. 2021, "Surface Form Competition"). [N]"""
     with_sit = [chat_prompt(tok, f"{it['situation']}\n\n{ASK}", system) for it in items]
     without = [chat_prompt(tok, ASK, system)] * len(items)
-    lp = {}
-    for key in ("principle", "defer"):
-        acts = [it[key] for it in items]
-        lp[key] = (continuation_logprob(model, tok, with_sit, acts, batch_size)
-                   - continuation_logprob(model, tok, without, acts, batch_size))
-    return lp["principle"] - lp["defer"]
+    # both actions in one call per context: each distinct prompt is then run once for the two
+    # (its KV cache shared), where a call per action ran every situation twice
+    acts = [it["principle"] for it in items] + [it["defer"] for it in items]
+    lp = (continuation_logprob(model, tok, with_sit * 2, acts, batch_size)
+          - continuation_logprob(model, tok, without * 2, acts, batch_size))  # [2N]: principle rows, then defer
+    return lp[:len(items)] - lp[len(items):]
 
 
 def judge_message(situation: str, action: str, answers: tuple[str, str]) -> str:

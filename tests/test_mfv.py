@@ -148,6 +148,41 @@ def test_batched_prefix_cached_scoring_matches_the_naive_reference(tiny, arch):
         np.testing.assert_allclose(fast_nll, slow_nll, atol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_all_options_in_one_pass_read_as_one_pass_per_option(tiny, arch, impl, monkeypatch):
+    model, tok = tiny
+    model = _tiny_arch(arch, len(tok))
+    model.config._attn_implementation = impl
+    prompts = _prompts(tok, 6, system="Stick to principle.")
+    assert mfv._options_mask(model, torch.ones((2, 40), dtype=torch.long), [[1], [2, 3]]) is not None
+    one, one_nll = mfv.model_scorer(model, tok, prompts, mfv.OPTIONS, batch_size=4)
+    monkeypatch.setattr(mfv, "_options_mask", lambda *a: None)  # the fallback: a forward pass per option
+    each, each_nll = mfv.model_scorer(model, tok, prompts, mfv.OPTIONS, batch_size=4)
+    np.testing.assert_allclose(one, each, atol=1e-5)
+    np.testing.assert_array_equal(one_nll, each_nll)
+    assert np.abs(one - one.mean(1, keepdims=True)).max() > 1e-3  # the options do differ: a shared read would not
+
+
+def test_the_one_pass_mask_keeps_each_option_to_itself_and_stands_down_where_it_cannot_hold(tiny):
+    model, tok = tiny
+    attn = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    mask = mfv._options_mask(model, attn, [[7], [8, 9]])  # [B, 1, 3 option tokens, 3 cached + 3]
+    want_new = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 1, 1]], dtype=torch.bool)
+    assert mask.shape == (2, 1, 3, 6)
+    assert torch.equal(mask[0, 0, :, :3], torch.tensor([[False, True, True]] * 3))
+    assert torch.equal(mask[1, 0, :, 3:], want_new)
+    gemma = _tiny_arch("gemma3", len(tok))  # sliding window 512: a custom mask would replace it
+    assert mfv._options_mask(gemma, torch.ones((1, 500), dtype=torch.long), [[1], [2]]) is not None
+    assert mfv._options_mask(gemma, torch.ones((1, 511), dtype=torch.long), [[1], [2]]) is None
+    loaded = model.config._attn_implementation
+    model.config._attn_implementation = "flash_attention_2"
+    try:
+        assert mfv._options_mask(model, attn, [[7]]) is None
+    finally:
+        model.config._attn_implementation = loaded
+
+
 def test_thinking_answer_turn_closes_the_thought_and_interrupts_with_just_answer(tiny):
     _, tok = tiny
     assert mfv.answer_suffix(tok, None) == "<|im_end|>\n<|im_start|>user\nJust answer.<|im_end|>\n<|im_start|>assistant\n" + mfv.PREFILL
