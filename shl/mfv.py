@@ -156,6 +156,14 @@ def _prefill_lengths(tok, prompts, ids, prefill) -> list[int]:
     return [len(full) - len(h) for h, full in zip(heads, ids)]
 
 
+def sliding_window(model) -> int | None:
+    """The window of the model's sliding-window attention layers (gemma-3), None when it has none.
+    Both cache readers below count it in cache columns (pads included)."""
+    cfg = model.config.get_text_config()
+    window = getattr(cfg, "sliding_window", None)
+    return window if window and "sliding_attention" in (getattr(cfg, "layer_types", None) or []) else None
+
+
 def _options_mask(model, attn, opt_ids):
     """The attention mask [B, 1, T, C + T] that reads every option in one forward pass after a
     cache of C columns (`attn` [B, C] its 2D mask), the options' T = sum of their lengths tokens
@@ -163,13 +171,12 @@ def _options_mask(model, attn, opt_ids):
     to itself, never another option's. Boolean for sdpa, additive for eager; None where the
     model's attention takes no custom 4D mask (flash-attention-2, flex) or has sliding-window
     layers the cache could outgrow (a custom mask replaces the window's own)."""
-    cfg = model.config.get_text_config()
-    impl = getattr(cfg, "_attn_implementation", None)
+    impl = getattr(model.config.get_text_config(), "_attn_implementation", None)
     if impl not in ("sdpa", "eager"):
         return None
     T = sum(map(len, opt_ids))
-    window = getattr(cfg, "sliding_window", None)
-    if window and "sliding_attention" in (getattr(cfg, "layer_types", None) or []) and attn.shape[1] + T >= window:
+    window = sliding_window(model)
+    if window and attn.shape[1] + T >= window:
         return None
     dev = attn.device
     group = torch.cat([torch.full((len(o),), j, device=dev) for j, o in enumerate(opt_ids)])  # [T] option of each token
@@ -191,13 +198,13 @@ def _option_logprobs(model, cache, attn, last_pos, opt_ids) -> list[torch.Tensor
     passes), or one pass each where the model's attention takes no custom mask. The cache is
     cropped back to the prompt afterwards."""
     dev, B = attn.device, attn.shape[0]
-    ones = lambda T: torch.ones((B, T), dtype=torch.long, device=dev)
     mask = _options_mask(model, attn, opt_ids)
     if mask is None:
         out = []
         for o in opt_ids:
             T = len(o)
-            o_out = model(input_ids=torch.tensor([o] * B, device=dev), attention_mask=torch.cat([attn, ones(T)], 1),
+            o_out = model(input_ids=torch.tensor([o] * B, device=dev),
+                          attention_mask=torch.cat([attn, torch.ones((B, T), dtype=torch.long, device=dev)], 1),
                           position_ids=last_pos + 1 + torch.arange(T, device=dev), past_key_values=cache, use_cache=True)
             cache.crop(-T)  # back to the prompt for the next option
             out.append(torch.log_softmax(o_out.logits.float(), dim=-1))
@@ -225,8 +232,7 @@ def _read_options(model, out, attn, last_pos, tails, K: int, opt_ids, closing, r
         nll[b] = -lp[b, K - 1 - k:K - 1].gather(-1, targets[:, None]).mean().item()
     total = torch.stack([lp[:, -1, o[0]] for o in opt_ids], dim=1)  # [B, n_options] first-token logp
     if readout == "full":
-        for j, o_lp in enumerate(_option_logprobs(model, out.past_key_values, attn, last_pos, opt_ids)):
-            o = opt_ids[j]
+        for j, (o, o_lp) in enumerate(zip(opt_ids, _option_logprobs(model, out.past_key_values, attn, last_pos, opt_ids))):
             rest = o_lp[:, :-1].gather(-1, torch.tensor(o[1:], device=dev)[None, :, None].expand(B, -1, 1)).sum((1, 2))
             total[:, j] += rest + (o_lp[:, -1, closing].logsumexp(-1) if closing else 0.0)
     elif readout != "first_token":
@@ -463,8 +469,8 @@ def thinking_scorer(model, tok, prompts: list[str], suffix: str, think_tokens: i
     stops = torch.tensor(stop_ids(model, tok), dtype=torch.long, device=dev)
     S, K = len(suf_ids), k_pre + 1
     ids = _tokenize(tok, prompts)
-    window = getattr(model.config, "sliding_window", None)
-    if window and "sliding_attention" in (getattr(model.config, "layer_types", None) or []):
+    window = sliding_window(model)
+    if window:
         longest = max(map(len, ids)) + think_tokens + S + max(map(len, opt_ids))
         if longest >= window:
             raise ValueError(f"thinking {think_tokens} tokens makes a conversation of up to {longest} tokens, past "
