@@ -14,9 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from shl.models import EMBEDDED, TINY
-from shl.params import FOUNDATIONS, ParamError, Params
-from shl.steer import Vector
+from shl.params import EMBEDDED, FOUNDATIONS, TINY, ParamError, Params
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -105,6 +103,7 @@ def check_kept_from(folder: str, steer_method: str):
         raise ParamError(f"kept_from {folder} is not a finished 02_generate_filter run folder "
                          f"(no {', '.join(missing)})")
     # vectors saved before methods existed carry no method: they are mean differences
+    from shl.steer import Vector  # torch: only when there is a folder to read
     method = Vector.load(Path(folder) / "vector_r0.pt").meta.get("method", "mean_diff")
     if method != steer_method:
         raise ParamError(f"kept_from's vector was extracted with {method} but steer_method is {steer_method}: "

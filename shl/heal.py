@@ -3,10 +3,11 @@
 History (earlier rounds' adapters, `shl.history`) is active and frozen while round k's adapter
 trains. The barrier's reference is the same model with the adapters switched, never a second
 copy of the weights; it is frozen, so its final hidden states at the completion tokens are
-computed once before training and each step runs only the LM head on them. The decoder layers
-below the heal band carry no adapter, so what they make of each completion is the same every
-epoch: it is read in that same pass (`frozen_states`) and every step starts at the band's first
-layer (`shl.models.start_at_layer`).
+computed once before training and each step runs only the LM head on them (`head_terms`, a few
+logit rows at a time: no [N, V] float32 tensor is made, and the head's gradient is folded into
+[N, H] as the rows go). The decoder layers below the heal band carry no adapter, so what they
+make of each completion is the same every epoch: it is read in that same pass (`frozen_states`)
+and every step starts at the band's first layer (`shl.models.start_at_layer`).
 
 On the CPU the heal runs transformers' eager attention: torch's CPU flash-attention backward
 took 16% of a micro-batch (14 ms a layer at 4 x 141 tokens), and in bfloat16 the eager step sits
@@ -135,6 +136,18 @@ def completion_logprobs(model, input_ids, attention_mask, loss_mask, bottom=None
     return logits.float().log_softmax(-1)
 
 
+def completion_states(model, input_ids, attention_mask, loss_mask, bottom=None) -> torch.Tensor:
+    """Final hidden states [N, H] (the LM head's input) at the N completion positions, in the row
+    order of `completion_logprobs`: the decoder alone, so no logit is made (`head_terms` makes them
+    a few rows at a time). `bottom` as in `completion_logprobs`."""
+    keep = torch.zeros_like(loss_mask, dtype=torch.bool)  # [B, L]
+    keep[:, :-1] = loss_mask[:, 1:].bool()
+    with start_at_layer(model, *bottom) if bottom else contextlib.nullcontext():
+        states = unwrap(model).get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                             use_cache=False).last_hidden_state  # [B, L, H]
+    return states[keep]
+
+
 def completion_targets(input_ids, loss_mask) -> torch.Tensor:
     """The N completion token ids, in the row order of `completion_logprobs`."""
     return input_ids[:, 1:][loss_mask[:, 1:].bool()]
@@ -153,6 +166,87 @@ def per_position_kl(logp_student, logp_ref, reg: str) -> torch.Tensor:
     if reg == "kl_fwd":
         return (logp_ref.exp() * (logp_ref - logp_student)).sum(-1)
     raise ValueError(f"reg must be kl_rev or kl_fwd for a KL, got {reg!r}")
+
+
+# rows of the [N, V] logits whose float32 softmax work runs at a time: at SmolLM2's 49k vocabulary 8
+# rows (1.5 MB) stay in a CPU core's cache, and the pass over them took a kl_rev micro-batch's
+# vocabulary work from 263 ms to 125 ms (benchmarks/results/bench_loop.md); a GPU takes them all at once
+CPU_HEAD_ROWS = 8
+
+
+def _head_logprobs_rows(z, cap):
+    """float32 log-probs of logit rows [R, V], with the soft-cap of models that have one."""
+    z = z.float()
+    if cap:
+        z = torch.tanh(z / cap) * cap
+    return z.log_softmax(-1)
+
+
+class _HeadTerms(torch.autograd.Function):
+    """Per-position NLL [N] and KL [N] from final hidden states, the full-vocabulary work done a few
+    rows at a time: no [N, V] float32 tensor is made, and each row's d nll / d logits and d kl /
+    d logits are folded through the (frozen) LM head into [N, H] in the forward pass already, so the
+    backward is two row scalings. Equal to `completion_nll` / `per_position_kl` on `head_logprobs`,
+    whose autograd graph holds a dozen [N, V] float32 tensors (tests/test_heal.py)."""
+
+    @staticmethod
+    def forward(ctx, h, ref_h, targets, weight, bias, cap, reg, rows):
+        z = torch.nn.functional.linear(h, weight, bias)  # [N, V], the model's dtype
+        zr = None if ref_h is None else torch.nn.functional.linear(ref_h, weight, bias)
+        n = z.shape[0]
+        nll, kl = z.new_zeros(n, dtype=torch.float32), z.new_zeros(n, dtype=torch.float32)
+        grad = ctx.needs_input_grad[0]  # held-out NLL: no gradient to fold
+        d_nll = torch.empty_like(z) if grad else None  # d nll_i / d z_i, [N, V]
+        d_kl = torch.empty_like(z) if grad and zr is not None else None
+        for s in range(0, n, rows):
+            c = slice(s, s + rows)
+            lp = _head_logprobs_rows(z[c], cap)
+            p = lp.exp()
+            t = targets[c, None]
+            nll[c] = -lp.gather(1, t)[:, 0]
+            # the soft-cap's chain rule: d capped / d z = 1 - tanh(z / cap)^2
+            dcap = 1 - torch.tanh(z[c].float() / cap) ** 2 if cap and grad else None
+            if zr is not None:
+                lr = _head_logprobs_rows(zr[c], cap)
+                if reg == "kl_rev":  # sum p (lp - lr); d/dz = p * (lp - lr - kl)
+                    diff = lp.sub_(lr)
+                    k = (p * diff).sum(-1)
+                    g = diff.sub_(k[:, None]).mul_(p)
+                elif reg == "kl_fwd":  # sum pr (lr - lp); d/dz = p - pr
+                    pr = lr.exp()
+                    k = (pr * (lr - lp)).sum(-1)
+                    g = p - pr
+                else:
+                    raise ValueError(f"reg must be kl_rev or kl_fwd for a KL, got {reg!r}")
+                kl[c] = k
+                if grad:
+                    d_kl[c] = g.mul_(dcap) if cap else g
+            if grad:
+                g = p.scatter_add_(1, t, p.new_full(t.shape, -1.0))  # p - onehot(target)
+                d_nll[c] = g.mul_(dcap) if cap else g
+        ga = None if d_nll is None else d_nll @ weight  # [N, H]
+        gb = None if d_kl is None else d_kl @ weight
+        ctx.save_for_backward(ga, gb)
+        return nll, kl
+
+    @staticmethod
+    def backward(ctx, g_nll, g_kl):
+        ga, gb = ctx.saved_tensors
+        dh = g_nll[:, None] * ga.float()
+        if gb is not None:
+            dh = dh + g_kl[:, None] * gb.float()
+        return dh.to(ga.dtype), None, None, None, None, None, None, None
+
+
+def head_terms(model, states, targets, ref_states=None, reg: str = "nll"):
+    """(NLL [N], KL [N]) per completion position from the student's final hidden states [N, H],
+    the targets [N] and, for a KL, the reference's final states [N, H] (`frozen_states`); the KL is
+    zeros without them. The LM head is frozen (no gradient reaches its weight)."""
+    head = unwrap(model).get_output_embeddings()
+    cap = getattr(unwrap(model).config.get_text_config(), "final_logit_softcapping", None)
+    rows = CPU_HEAD_ROWS if states.device.type == "cpu" else max(1, states.shape[0])
+    return _HeadTerms.apply(states, ref_states, targets, head.weight.detach(),
+                            None if head.bias is None else head.bias.detach(), cap, reg, rows)
 
 
 def aggregate_kl(kl, how: str) -> torch.Tensor:
@@ -237,35 +331,34 @@ def _mismatch(model, what: str, err: float) -> RuntimeError:
 
 @torch.no_grad()
 def batch_frozen_states(model, batch: dict, ref_names: list[str] | None, first: int, check: bool = False):
-    """One forward pass of the reference over the batch. Returns (its final hidden states [N, H] at
-    the completion positions, in the row order of `completion_logprobs`, or None when `ref_names` is
-    None; the input of decoder layer `first` [B, L, H], or None when `first` is 0). `check`: verify
-    that the LM head on the final states and a pass started at `first` from the layer's input each
-    give the model's own log-probs (a model that post-processes its logits some other way, or runs
-    something below `first` per pass, would fail here)."""
+    """One pass of the reference's decoder over the batch (no LM head). Returns (its final hidden
+    states [N, H] at the completion positions, in the row order of `completion_logprobs`, or None
+    when `ref_names` is None; the input of decoder layer `first` [B, L, H], or None when `first` is
+    0). `check`: verify that the LM head on the decoder's final states and a pass started at `first`
+    from the layer's input each give the model's own log-probs (a model that post-processes its
+    logits some other way, or runs something below `first` per pass, would fail here)."""
     seen = {}
-    hooks = [unwrap(model).get_output_embeddings().register_forward_pre_hook(
-        lambda m, args: seen.__setitem__("h", args[0].detach()))]
+    hooks = []
     if first:
         hooks.append(decoder_layers(model)[first].register_forward_pre_hook(
             lambda m, args: seen.__setitem__("bottom", args[0].detach())))
     ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
     with adapters(model, ref_names or []):
         try:
-            logp = completion_logprobs(model, ids, attn, mask)
+            h = completion_states(model, ids, attn, mask)  # [N, H]
         finally:
             for handle in hooks:
                 handle.remove()
-        h = seen["h"].reshape(-1, seen["h"].shape[-1])  # [N, H]
         bottom = seen.get("bottom")
-        if check and ref_names is not None:
+        if check:
+            logp = completion_logprobs(model, ids, attn, mask)
             err = (head_logprobs(model, h) - logp).abs().max().item()
             if err > 1e-3:
-                raise _mismatch(model, "the LM head on the final hidden states", err)
-        if check and first:
-            err = (completion_logprobs(model, ids, attn, mask, (first, bottom)) - logp).abs().max().item()
-            if err > 1e-3:
-                raise _mismatch(model, f"a pass started at decoder layer {first}", err)
+                raise _mismatch(model, "the LM head on the decoder's final hidden states", err)
+            if first:
+                err = (completion_logprobs(model, ids, attn, mask, (first, bottom)) - logp).abs().max().item()
+                if err > 1e-3:
+                    raise _mismatch(model, f"a pass started at decoder layer {first}", err)
     return (h if ref_names is not None else None), bottom
 
 
@@ -312,20 +405,18 @@ def heal_loss(model, batch: dict, p, round_idx: int, adapter: str, ref_states: t
     (0): it depends on the adapter's weights only, so `heal` computes it once per optimizer step.
     `bottom` = (layer, states [B, L, H]): the forward starts there (`frozen_states`)."""
     ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
-    logp = completion_logprobs(model, ids, attn, mask, bottom)
-    nll = completion_nll(logp, ids, mask)
+    if p.reg != "nll" and ref_states is None:
+        raise ValueError(f"reg={p.reg} needs the reference states of the batch")
+    nll_rows, kl = head_terms(model, completion_states(model, ids, attn, mask, bottom),
+                              completion_targets(ids, mask), ref_states if p.reg != "nll" else None, p.reg)
+    nll = nll_rows.mean()
     zero = nll.new_zeros(())
     if p.reg == "nll":
-        D, barrier, kl = zero, zero, logp.new_zeros(logp.shape[0])
+        D, barrier = zero, zero
     else:
-        if ref_states is None:
-            raise ValueError(f"reg={p.reg} needs the reference states of the batch")
-        with torch.no_grad():
-            logp_ref = head_logprobs(model, ref_states)
-        kl = per_position_kl(logp, logp_ref, p.reg)
         D = aggregate_kl(kl, p.kl_agg)
         barrier = lam_eff(p, round_idx) * torch.relu(D - p.tau)
-        kl = kl.detach()
+    kl = kl.detach()
     spectral = (p.spectral_lam * spectral_term(model, adapter, p.spectral_iters)
                 if p.spectral_lam > 0 and with_spectral else zero)
     return {"total": nll + barrier + spectral, "nll": nll, "barrier": barrier, "spectral": spectral, "D": D, "kl": kl}
@@ -355,10 +446,10 @@ def heldout_nll(model, examples, pad_id: int, batch_size: int) -> float:
     """Token-weighted mean NLL over completion tokens (nan when there is nothing held out)."""
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start:start + batch_size], pad_id, input_device(model))
-        logp = completion_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
-        targets = completion_targets(batch["input_ids"], batch["loss_mask"])
-        total -= logp.gather(-1, targets[:, None]).sum().item()
+        ids, attn, mask = (collate(examples[start:start + batch_size], pad_id, input_device(model))[k]
+                           for k in ("input_ids", "attention_mask", "loss_mask"))
+        targets = completion_targets(ids, mask)
+        total += head_terms(model, completion_states(model, ids, attn, mask), targets)[0].sum().item()
         count += targets.numel()
     return total / count if count else math.nan
 

@@ -14,11 +14,8 @@ import re
 import tempfile
 from pathlib import Path
 
-import numpy as np
-import torch
 import yaml
 
-from shl.demos import check_inputs
 from shl.params import ParamError, Params, collect_overrides, diff_params, load_params
 
 REPO = Path(__file__).resolve().parent.parent
@@ -121,6 +118,7 @@ def resolve_run(preset: str, run_dir: str, overrides: dict, notebook: str) -> tu
     the default one steps to `_2`, `_3`, ... past folders made with other params or that cannot
     be resumed (finished rounds without their adapters)."""
     p = load_params(preset, **overrides)
+    from shl.demos import check_inputs
     check_inputs(p)
     if run_dir:
         return p, prepare_run_dir(Path(run_dir), p)
@@ -161,6 +159,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def seed_everything(seed: int):
+    import numpy as np  # here, not at the top: `python -m shl.run` imports this module without torch
+    import torch
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

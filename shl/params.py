@@ -18,6 +18,9 @@ from pathlib import Path
 import yaml
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "params"
+# the model names shl.models loads without a hub (kept here so validation needs no torch)
+EMBEDDED = "smollm2-135m-instruct"
+TINY = "tiny-random"
 FOUNDATIONS = ("care", "fairness", "loyalty", "authority", "sanctity", "liberty", "socialnorms")
 # shl.steer.METHODS, named here so validation runs without importing torch (a test keeps them equal)
 STEER_METHODS = ("mean_diff", "pca", "lda")

@@ -556,3 +556,70 @@ def test_a_started_pass_equals_the_whole_forward_on_the_gpu_presets_architecture
     whole = H.completion_logprobs(model, b["input_ids"], b["attention_mask"], b["loss_mask"])
     started = H.completion_logprobs(model, b["input_ids"], b["attention_mask"], b["loss_mask"], bottom=(2, bottom))
     torch.testing.assert_close(started, whole, atol=1e-5, rtol=0)
+
+
+# --- the LM head a few rows at a time (head_terms) --------------------------------------------
+
+def _reference_terms(model, states, targets, ref_states, reg):
+    """Per-position NLL and KL by the full-vocabulary log-softmax of `head_logprobs`, autograd's way."""
+    logp = H.head_logprobs(model, states)
+    nll = -logp.gather(-1, targets[:, None])[:, 0]
+    if reg == "nll":
+        return nll, torch.zeros_like(nll)
+    with torch.no_grad():
+        logp_ref = H.head_logprobs(model, ref_states)
+    return nll, H.per_position_kl(logp, logp_ref, reg)
+
+
+@pytest.mark.parametrize("cap", [None, 2.0], ids=["no_cap", "softcap"])
+@pytest.mark.parametrize("reg", ["kl_rev", "kl_fwd", "nll"])
+def test_head_terms_equal_the_full_vocabulary_log_softmax_and_its_gradient(tiny, reg, cap):
+    """Float32: the per-position NLL and KL and their gradient in the final states, under upstream
+    weights that differ per position (so each row's scaling is checked), within 1e-5, for chunks of
+    3 rows (a last chunk shorter than the others) and for all rows at once."""
+    model = copy.deepcopy(tiny[0])
+    model.config.final_logit_softcapping = cap
+    g = torch.Generator().manual_seed(0)
+    n, hidden = 11, model.config.hidden_size
+    states = (torch.randn(n, hidden, generator=g)).requires_grad_()
+    ref_states = torch.randn(n, hidden, generator=g)
+    targets = torch.randint(0, model.config.vocab_size, (n,), generator=g)
+    w_nll, w_kl = torch.rand(n, generator=g), torch.rand(n, generator=g)
+    want_nll, want_kl = _reference_terms(model, states, targets, ref_states, reg)
+    want_grad, = torch.autograd.grad((w_nll * want_nll).sum() + (w_kl * want_kl).sum(), states)
+    assert want_kl.abs().max() > 0.01 or reg == "nll"
+    for rows in (3, n):
+        got_nll, got_kl = H._HeadTerms.apply(states, None if reg == "nll" else ref_states, targets,
+                                             model.lm_head.weight.detach(), None, cap, reg, rows)
+        got_grad, = torch.autograd.grad((w_nll * got_nll).sum() + (w_kl * got_kl).sum(), states)
+        torch.testing.assert_close(got_nll, want_nll, atol=1e-5, rtol=0)
+        torch.testing.assert_close(got_kl, want_kl, atol=1e-5, rtol=0)
+        torch.testing.assert_close(got_grad, want_grad, atol=1e-5, rtol=0)
+
+
+def test_the_heal_loss_is_the_full_vocabulary_one(tiny):
+    """Float32, a live rmse barrier on a student with history: heal_loss's terms and its gradient in
+    every trainable weight equal the loss written on `completion_logprobs` and `head_logprobs`."""
+    p = load_params("tiny", reg="kl_rev", kl_agg="rmse", lam=1.0, tau=0.0, spectral_lam=0.0)
+    model = _student(tiny, p)
+    b = _batch(tiny[1], 3)
+    ref = H.batch_frozen_states(model, b, [], 0, check=True)[0]
+    t = H.heal_loss(model, b, p, 0, "r0", ref)
+    logp = H.completion_logprobs(model, b["input_ids"], b["attention_mask"], b["loss_mask"])
+    nll = H.completion_nll(logp, b["input_ids"], b["loss_mask"])
+    kl = H.per_position_kl(logp, H.head_logprobs(model, ref), "kl_rev")
+    total = nll + H.lam_eff(p, 0) * torch.relu(H.aggregate_kl(kl, "rmse") - p.tau)
+    assert t["barrier"].item() > 0.01
+    torch.testing.assert_close(t["nll"], nll, atol=1e-5, rtol=0)
+    torch.testing.assert_close(t["kl"], kl.detach(), atol=1e-5, rtol=0)
+    for got, want in zip(_grads(t["total"], model), _grads(total, model)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_the_decoder_states_check_fails_loudly_when_they_are_not_the_heads_input(tiny, monkeypatch):
+    p = load_params("tiny")
+    model = _student(tiny, p)
+    real = H.completion_states
+    monkeypatch.setattr(H, "completion_states", lambda *a, **k: real(*a, **k) * 1.5)
+    with pytest.raises(RuntimeError, match="decoder's final hidden states"):
+        H.batch_frozen_states(model, _batch(tiny[1]), [], 0, check=True)

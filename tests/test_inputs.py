@@ -116,3 +116,16 @@ def test_the_authority_demo_names_care_as_its_companion_and_an_overridden_pair_h
 def test_bad_method_comparison_params_are_refused(key, value, message):
     with pytest.raises(ParamError, match=message):
         load_params("tiny", **{key: value})
+
+
+def test_the_runner_validates_without_importing_torch():
+    """`python -m shl.run` imports shl.run, checks the parameters and starts the kernel; torch and
+    transformers (9 s of start-up) are the kernel's to import. A module-level import of either on
+    that path would fail here."""
+    code = ("import sys, shl.run, shl\n"
+            "from shl.journal import resolve_run\n"
+            "resolve_run('default', '', {}, '04_loop')\n"
+            "shl.load_params('default')\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
