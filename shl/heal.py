@@ -190,12 +190,12 @@ class _HeadTerms(torch.autograd.Function):
     whose autograd graph holds a dozen [N, V] float32 tensors (tests/test_heal.py)."""
 
     @staticmethod
-    def forward(ctx, h, ref_h, targets, weight, bias, cap, reg, rows):
+    def forward(ctx, h, ref_h, targets, weight, bias, cap, reg, rows, grad=True):
         z = torch.nn.functional.linear(h, weight, bias)  # [N, V], the model's dtype
         zr = None if ref_h is None else torch.nn.functional.linear(ref_h, weight, bias)
         n = z.shape[0]
         nll, kl = z.new_zeros(n, dtype=torch.float32), z.new_zeros(n, dtype=torch.float32)
-        grad = ctx.needs_input_grad[0]  # held-out NLL: no gradient to fold
+        grad = grad and ctx.needs_input_grad[0]  # held-out NLL: no gradient to fold
         d_nll = torch.empty_like(z) if grad else None  # d nll_i / d z_i, [N, V]
         d_kl = torch.empty_like(z) if grad and zr is not None else None
         for s in range(0, n, rows):
@@ -235,7 +235,7 @@ class _HeadTerms(torch.autograd.Function):
         dh = g_nll[:, None] * ga.float()
         if gb is not None:
             dh = dh + g_kl[:, None] * gb.float()
-        return dh.to(ga.dtype), None, None, None, None, None, None, None
+        return dh.to(ga.dtype), None, None, None, None, None, None, None, None
 
 
 def head_terms(model, states, targets, ref_states=None, reg: str = "nll"):
@@ -244,9 +244,16 @@ def head_terms(model, states, targets, ref_states=None, reg: str = "nll"):
     zeros without them. The LM head is frozen (no gradient reaches its weight)."""
     head = unwrap(model).get_output_embeddings()
     cap = getattr(unwrap(model).config.get_text_config(), "final_logit_softcapping", None)
-    rows = CPU_HEAD_ROWS if states.device.type == "cpu" else max(1, states.shape[0])
-    return _HeadTerms.apply(states, ref_states, targets, head.weight.detach(),
-                            None if head.bias is None else head.bias.detach(), cap, reg, rows)
+    # under a multi-GPU device_map the final norm's GPU, the (tied) head's and the inputs' can differ;
+    # F.linear bypasses accelerate's hook that the model's own forward moves them with
+    out_device, dev = states.device, head.weight.device
+    states, targets = states.to(dev), targets.to(dev)
+    ref_states = None if ref_states is None else ref_states.to(dev)
+    rows = CPU_HEAD_ROWS if dev.type == "cpu" else max(1, states.shape[0])
+    nll, kl = _HeadTerms.apply(states, ref_states, targets, head.weight.detach(),
+                               None if head.bias is None else head.bias.detach(), cap, reg, rows,
+                               torch.is_grad_enabled() and states.requires_grad)
+    return nll.to(out_device), kl.to(out_device)
 
 
 def aggregate_kl(kl, how: str) -> torch.Tensor:
@@ -372,7 +379,9 @@ def frozen_states(model, examples, ref_names: list[str] | None, first: int, pad_
     thing: kept here, each step only runs the LM head on them (`head_logprobs`) instead of a whole
     reference forward pass (~40% of a kl_rev step). Below `first` no adapter acts, so what those
     layers make of each example is the same for the student on every step (`bottom_batch`)."""
-    if ref_names is None and not first:  # reg=nll with adapters from layer 0: nothing to read
+    if ref_names is None and not first:  # reg=nll with adapters from layer 0: nothing to read,
+        # but the steps read the decoder alone (`completion_states`): check that on one batch
+        batch_frozen_states(model, collate(examples[:batch_size], pad_id, input_device(model)), None, 0, check=True)
         return [None] * len(examples), [None] * len(examples)
     ref, bottom = [], []
     for start in range(0, len(examples), batch_size):

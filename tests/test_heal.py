@@ -623,3 +623,7 @@ def test_the_decoder_states_check_fails_loudly_when_they_are_not_the_heads_input
     monkeypatch.setattr(H, "completion_states", lambda *a, **k: real(*a, **k) * 1.5)
     with pytest.raises(RuntimeError, match="decoder's final hidden states"):
         H.batch_frozen_states(model, _batch(tiny[1]), [], 0, check=True)
+    # reg=nll with adapters from layer 0 keeps nothing from the pass, and still checks one batch
+    examples = H.encode_records(tiny[1], _records(tiny[1], 4))
+    with pytest.raises(RuntimeError, match="decoder's final hidden states"):
+        H.frozen_states(model, examples, None, 0, tiny[1].pad_token_id, 2)
