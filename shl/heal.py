@@ -117,6 +117,13 @@ def split_heldout(records: list, frac: float, seed: int) -> tuple[list, list]:
 
 # --- loss pieces -----------------------------------------------------------------------------
 
+def _predicting(loss_mask) -> torch.Tensor:
+    """[B, L] bool: the positions whose next token is a completion token (logits at t-1 predict t)."""
+    keep = torch.zeros_like(loss_mask, dtype=torch.bool)
+    keep[:, :-1] = loss_mask[:, 1:].bool()
+    return keep
+
+
 def completion_logprobs(model, input_ids, attention_mask, loss_mask, bottom=None) -> torch.Tensor:
     """Log-probs [N, V] (float32) of the next token at the N completion positions, row-major
     over (batch, position).
@@ -125,8 +132,7 @@ def completion_logprobs(model, input_ids, attention_mask, loss_mask, bottom=None
     selection happens before the LM head (transformers' boolean `logits_to_keep`), so neither a
     [B, L, V] logit tensor nor a full-sequence log_softmax is ever made. `bottom` = (layer,
     states [B, L, H]): start the forward at that layer from those states (`frozen_states`)."""
-    keep = torch.zeros_like(loss_mask, dtype=torch.bool)  # [B, L]
-    keep[:, :-1] = loss_mask[:, 1:].bool()
+    keep = _predicting(loss_mask)
     with start_at_layer(model, *bottom) if bottom else contextlib.nullcontext():
         logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep,
                        use_cache=False).logits
@@ -140,8 +146,7 @@ def completion_states(model, input_ids, attention_mask, loss_mask, bottom=None) 
     """Final hidden states [N, H] (the LM head's input) at the N completion positions, in the row
     order of `completion_logprobs`: the decoder alone, so no logit is made (`head_terms` makes them
     a few rows at a time). `bottom` as in `completion_logprobs`."""
-    keep = torch.zeros_like(loss_mask, dtype=torch.bool)  # [B, L]
-    keep[:, :-1] = loss_mask[:, 1:].bool()
+    keep = _predicting(loss_mask)
     with start_at_layer(model, *bottom) if bottom else contextlib.nullcontext():
         states = unwrap(model).get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                              use_cache=False).last_hidden_state  # [B, L, H]
@@ -175,11 +180,13 @@ CPU_HEAD_ROWS = 8
 
 
 def _head_logprobs_rows(z, cap):
-    """float32 log-probs of logit rows [R, V], with the soft-cap of models that have one."""
+    """(float32 log-probs of logit rows [R, V] with the soft-cap of models that have one, the cap's
+    d capped / d z = 1 - tanh(z / cap)^2, or None without a cap)."""
     z = z.float()
-    if cap:
-        z = torch.tanh(z / cap) * cap
-    return z.log_softmax(-1)
+    if not cap:
+        return z.log_softmax(-1), None
+    th = torch.tanh(z / cap)
+    return (th * cap).log_softmax(-1), 1 - th ** 2
 
 
 class _HeadTerms(torch.autograd.Function):
@@ -195,19 +202,17 @@ class _HeadTerms(torch.autograd.Function):
         zr = None if ref_h is None else torch.nn.functional.linear(ref_h, weight, bias)
         n = z.shape[0]
         nll, kl = z.new_zeros(n, dtype=torch.float32), z.new_zeros(n, dtype=torch.float32)
-        grad = grad and ctx.needs_input_grad[0]  # held-out NLL: no gradient to fold
+        # grad False (head_terms under no_grad: the held-out NLL): no gradient to fold
         d_nll = torch.empty_like(z) if grad else None  # d nll_i / d z_i, [N, V]
         d_kl = torch.empty_like(z) if grad and zr is not None else None
         for s in range(0, n, rows):
             c = slice(s, s + rows)
-            lp = _head_logprobs_rows(z[c], cap)
+            lp, dcap = _head_logprobs_rows(z[c], cap)
             p = lp.exp()
             t = targets[c, None]
             nll[c] = -lp.gather(1, t)[:, 0]
-            # the soft-cap's chain rule: d capped / d z = 1 - tanh(z / cap)^2
-            dcap = 1 - torch.tanh(z[c].float() / cap) ** 2 if cap and grad else None
             if zr is not None:
-                lr = _head_logprobs_rows(zr[c], cap)
+                lr, _ = _head_logprobs_rows(zr[c], cap)
                 if reg == "kl_rev":  # sum p (lp - lr); d/dz = p * (lp - lr - kl)
                     diff = lp.sub_(lr)
                     k = (p * diff).sum(-1)
@@ -376,7 +381,7 @@ def frozen_states(model, examples, ref_names: list[str] | None, first: int, pad_
     or None when `first` is 0).
 
     The reference is frozen and the data fixed, so every epoch's barrier would recompute the same
-    thing: kept here, each step only runs the LM head on them (`head_logprobs`) instead of a whole
+    thing: kept here, each step only runs the LM head on them (`head_terms`) instead of a whole
     reference forward pass (~40% of a kl_rev step). Below `first` no adapter acts, so what those
     layers make of each example is the same for the student on every step (`bottom_batch`)."""
     if ref_names is None and not first:  # reg=nll with adapters from layer 0: nothing to read,
