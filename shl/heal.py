@@ -7,7 +7,8 @@ computed once before training and each step runs only the LM head on them (`head
 logit rows at a time: no [N, V] float32 tensor is made, and the head's gradient is folded into
 [N, H] as the rows go). The decoder layers below the heal band carry no adapter, so what they
 make of each completion is the same every epoch: it is read in that same pass (`frozen_states`)
-and every step starts at the band's first layer (`shl.models.start_at_layer`).
+and every step, and every epoch's held-out NLL, starts at the band's first layer
+(`shl.models.start_at_layer`).
 
 On the CPU the heal runs transformers' eager attention: torch's CPU flash-attention backward
 took 16% of a micro-batch (14 ms a layer at 4 x 141 tokens), and in bfloat16 the eager step sits
@@ -456,14 +457,17 @@ def measures_grads(p, step: int, total_steps: int) -> bool:
 
 
 @torch.no_grad()
-def heldout_nll(model, examples, pad_id: int, batch_size: int) -> float:
-    """Token-weighted mean NLL over completion tokens (nan when there is nothing held out)."""
+def heldout_nll(model, examples, pad_id: int, batch_size: int, first: int = 0, bottom=None) -> float:
+    """Token-weighted mean NLL over completion tokens (nan when there is nothing held out).
+    `first`, `bottom`: start every pass at that layer from each example's input to it
+    (`frozen_states`), as the training steps do."""
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
         ids, attn, mask = (collate(examples[start:start + batch_size], pad_id, input_device(model))[k]
                            for k in ("input_ids", "attention_mask", "loss_mask"))
         targets = completion_targets(ids, mask)
-        total += head_terms(model, completion_states(model, ids, attn, mask), targets)[0].sum().item()
+        started = (first, bottom_batch(bottom[start:start + batch_size])) if first else None
+        total += head_terms(model, completion_states(model, ids, attn, mask, started), targets)[0].sum().item()
         count += targets.numel()
     return total / count if count else math.nan
 
@@ -528,8 +532,10 @@ def heal(model, tok, records: list[dict], p, round_idx: int, history: list[str],
     try:
         with attention_implementation(model, train_attention(model)):
             first = frozen_bottom(model)
-            ref, bottom = frozen_states(model, train_ex, reference_names(p, history) if p.reg != "nll" else None, first,
-                                        pad_id, p.train_batch_size)
+            # the held-out examples ride in the same pass: their layer inputs start every epoch's held-out NLL
+            ref, bottom = frozen_states(model, train_ex + held_ex, reference_names(p, history) if p.reg != "nll" else None,
+                                        first, pad_id, p.train_batch_size)
+            ref, bottom, held_bottom = ref[:len(train_ex)], bottom[:len(train_ex)], bottom[len(train_ex):]
             model.train()
             step = 0
             for epoch in range(p.epochs):
@@ -596,7 +602,7 @@ def heal(model, tok, records: list[dict], p, round_idx: int, history: list[str],
                     bar.update(1)
                     bar.set_postfix(nll=f"{steps[-1]['nll']:.3f}", D=f"{steps[-1]['D']:.3f}")
                     step += 1
-                held = heldout_nll(model, held_ex, pad_id, p.train_batch_size)
+                held = heldout_nll(model, held_ex, pad_id, p.train_batch_size, first, held_bottom)
                 if held_ex and not math.isfinite(held):
                     raise RuntimeError(f"non-finite held-out NLL after epoch {epoch}: {held}; lower lr or check the data")
                 ep_steps = [x for x in steps if x["epoch"] == epoch]

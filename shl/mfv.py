@@ -15,6 +15,7 @@ the vignette and prefill, and each option is a tiny forward on top of that cache
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -31,7 +32,8 @@ from transformers import DynamicCache
 
 from shl.generate import generate_texts
 from shl.history import reads_merged
-from shl.models import chat_prompt, input_device, left_pad, positions, shared_prefix_len
+from shl.models import (band_layers, bottom_reads, chat_prompt, input_device, left_pad, num_layers, positions,
+                        shared_prefix_len)
 from shl.params import FOUNDATIONS, PROTOCOLS
 # one import direction: shl.probe reaches this module's scorer from inside its functions
 from shl.probe import probe_for, read_probe
@@ -524,12 +526,20 @@ def parse_answer(text: str) -> str | None:
 @reads_merged
 def evaluate(model, tok, n: int = 0, system: str | None = None, think_tokens: int = 0, batch_size: int = 16,
              json_valid: bool = False, json_tokens: int = 32, readout: str = "full", progress: bool = True,
-             scorer=None, protocol: str = "tinymfv", probe: list[dict] | None = None) -> EvalResult:
+             scorer=None, protocol: str = "tinymfv", probe: list[dict] | None = None,
+             replay_bands: list | None = None) -> EvalResult:
     """Run the eval on `n` vignettes (0 = all). `system` is a system prompt (the prompting
     baseline); steering or adapters are whatever is active on `model` when this is called.
     `protocol` is the readout (PROTOCOLS); `probe` the trait-probe items (shl.probe) read with
     the same model and system prompt. `scorer(prompts, presented_options, prefill=...)` may
-    replace the model's vignette readout (tests; the yesno protocol passes its own prefill)."""
+    replace the model's vignette readout (tests; the yesno protocol passes its own prefill).
+
+    `replay_bands`: the [start, end) depth fractions of what changes between a run's evals (the
+    heal's LoRA band, the steering band). An eval's prompts and passes do not depend on the model,
+    so the layers below a band's first layer compute the same thing in every eval that asks the
+    same questions while nothing below has changed: the first eval records that layer's input in
+    every pass, later ones start there (`shl.models.bottom_reads`; the same numbers, bit for bit).
+    Not with thinking or free answers (generated tokens depend on the model) or a custom scorer."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     if protocol == "yesno" and think_tokens:
@@ -541,7 +551,8 @@ def evaluate(model, tok, n: int = 0, system: str | None = None, think_tokens: in
     t0 = time.time()
     vignettes = load_vignettes(n)
     texts = [v["text"] for v in vignettes]
-    if scorer is None:
+    own_scorer = scorer is None
+    if own_scorer:
         def scorer(prompts, presented, prefill=PREFILL):
             return model_scorer(model, tok, prompts, presented, prefill=prefill, batch_size=batch_size,
                                 readout=readout, progress=bar)
@@ -559,9 +570,14 @@ def evaluate(model, tok, n: int = 0, system: str | None = None, think_tokens: in
         return np.asarray(lp)[:, [presented.index(o) for o in OPTIONS]], np.asarray(nll)
 
     logp, nll, answers, extra = {}, {}, [], {}
+    probe_summary, probe_rows = {}, []
     total = 2 * len(vignettes) * (len(OPTIONS) if protocol == "yesno" else 1)
     total += 2 * len(CONTENT_FREE) if protocol == "calibrated" else 0
-    with tqdm(total=total, desc="mfv eval", disable=not progress) as bar:
+    replay = bool(replay_bands) and own_scorer and not think_tokens and not json_valid
+    key = ("evaluate", n, system, batch_size, readout, protocol, json.dumps(probe, sort_keys=True))
+    layers = [band_layers(num_layers(model), band)[0] for band in replay_bands] if replay else []
+    with (bottom_reads(model, key, layers) if replay else contextlib.nullcontext(),
+          tqdm(total=total, desc="mfv eval", disable=not progress) as bar):
         for order, presented in ORDERS.items():
             if protocol == "yesno":
                 logp[order], nll[order], extra[order] = yesno_logp(scorer, tok, texts, system, YESNO_ORDERS[order])
@@ -575,15 +591,16 @@ def evaluate(model, tok, n: int = 0, system: str | None = None, think_tokens: in
             if json_valid:
                 answers += generate_texts(model, tok, [chat_prompt(tok, user_message(t, presented), system) for t in texts],
                                           json_tokens, batch_size=batch_size, progress=progress, desc="eval free answers")
+        if probe:
+            probe_summary, probe_rows = read_probe(model, tok, probe, system, batch_size)
     prior = (extra["forward"], extra["reversed"]) if protocol == "calibrated" else None
     pmass = (extra["forward"], extra["reversed"]) if protocol == "yesno" else None
     result = aggregate(vignettes, logp["forward"], logp["reversed"], nll["forward"], nll["reversed"], prior, pmass)
     result.summary["protocol"] = protocol
     if json_valid:
         result.summary["json_is_valid"] = float(np.mean([parse_answer(a) is not None for a in answers]))
-    if probe:
-        summary, result.probe_rows = read_probe(model, tok, probe, system, batch_size)
-        result.summary.update(summary)
+    result.summary.update(probe_summary)
+    result.probe_rows = probe_rows
     result.summary["seconds"] = time.time() - t0
     return result
 
@@ -607,4 +624,4 @@ def eval_kwargs(p) -> dict:
     """`evaluate`'s keyword arguments from a Params."""
     return dict(n=p.eval_n, batch_size=p.eval_batch_size, think_tokens=p.eval_think_tokens,
                 json_valid=p.eval_json_valid, json_tokens=p.eval_json_tokens, protocol=p.eval_protocol,
-                probe=probe_for(p))
+                probe=probe_for(p), replay_bands=[p.heal_band, p.steer_band])

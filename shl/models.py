@@ -22,6 +22,7 @@ import platform
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -315,17 +316,28 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 
 
 class _Passthrough(torch.nn.Module):
-    """A decoder layer that hands its input on unchanged (`start_at_layer`)."""
+    """Decoder layer `index` handing its input on unchanged (`start_at_layer`). Given a KV cache it
+    still grows its layer's entry by the pass's tokens, with stubs of one number per token: the
+    attention masks and positions are read from a layer's cached length, and no other layer reads
+    this one's keys."""
 
-    def forward(self, hidden_states, *args, **kwargs):
+    def __init__(self, index: int):
+        super().__init__()
+        self.index = index
+
+    def forward(self, hidden_states, *args, past_key_values=None, **kwargs):
+        if past_key_values is not None:
+            stub = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)  # [B, 1, T, 1]
+            past_key_values.update(stub, stub, self.index)
         return hidden_states
 
 
 @contextlib.contextmanager
-def start_at_layer(model, first: int, states: torch.Tensor):
+def start_at_layer(model, first: int, states):
     """Forward passes inside the block start at decoder layer `first` from `states` [B, L, H], the
-    input that layer would receive for this batch: the embedding's output is replaced by them and
-    layers [0, first) pass it on unchanged. Layer indices stay as they are, so per-layer masks
+    input that layer would receive for this batch (or a function of a pass's input ids that returns
+    them: `bottom_reads` replays a sequence of passes so): the embedding's output is replaced by them
+    and layers [0, first) pass it on unchanged. Layer indices stay as they are, so per-layer masks
     (gemma-3's sliding window) and the rotary embedding still line up. Valid only when nothing
     below `first` differs from when `states` were read (no adapter, hook or dropout there)."""
     if first <= 0:
@@ -333,15 +345,124 @@ def start_at_layer(model, first: int, states: torch.Tensor):
         return
     layers = decoder_layers(model)
     kept = [layers[i] for i in range(first)]
-    handle = model.get_input_embeddings().register_forward_hook(lambda m, args, out: states.to(out.dtype))
+    source = states if callable(states) else (lambda ids: states)
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, args, out: source(args[0]).to(out.dtype))
     try:
         for i in range(first):
-            layers[i] = _Passthrough()
+            layers[i] = _Passthrough(i)
         yield
     finally:
         for i, layer in enumerate(kept):
             layers[i] = layer
         handle.remove()
+
+
+# --- reads that start at the first layer anything changed -------------------------------------
+
+def _hooked(module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def changed_from(model) -> int:
+    """The lowest decoder layer whose output may differ from what the loaded weights compute: one
+    holding an adapter module (peft; of any adapter, active or not) or a forward hook (steering);
+    0 when the embedding is hooked or a global module hook is set; the number of layers when
+    nothing is changed."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    nn_module = torch.nn.modules.module
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks or _hooked(model.get_input_embeddings()):
+        return 0
+    for i, layer in enumerate(decoder_layers(model)):
+        if any(_hooked(m) or isinstance(m, BaseTunerLayer) for m in layer.modules()):
+            return i
+    return num_layers(model)
+
+
+def _clean_inputs(model, layers) -> list[int]:
+    """Those of `layers` (> 0) whose input the loaded weights alone compute: nothing changed below
+    them (`changed_from`) and no pre-hook on the layer itself (a change there, e.g. steering, acts
+    on its output)."""
+    changed, dlayers = changed_from(model), decoder_layers(model)
+    return [L for L in sorted(set(layers)) if 0 < L <= changed and not dlayers[L]._forward_pre_hooks]
+
+
+def _fingerprint(model, first: int) -> tuple:
+    """What the input of layer `first` is computed from: the embedding's and layers [0, first)'s
+    tensors (identity, storage, in-place version, dtype) and the attention implementation."""
+    below = [model.get_input_embeddings(), *list(decoder_layers(model))[:first]]
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return (base.config._attn_implementation,
+            tuple((id(t), t.data_ptr(), t._version, t.dtype) for m in below for t in (*m.parameters(), *m.buffers())))
+
+
+@dataclass
+class _Recording:
+    prints: dict  # recorded layer -> `_fingerprint` below it when recorded
+    passes: list = field(default_factory=list)  # per forward pass: (input ids, {layer: its input [B, L, H]})
+
+
+@contextlib.contextmanager
+def bottom_reads(model, key, layers: list[int]):
+    """A read that makes the same forward passes on the same ids whatever the adapters and steering
+    above some layer (one eval: its prompts and batches do not depend on the model's answers)
+    records, the first time it runs under `key`, the input of each of `layers` in every pass. Run
+    again under `key` while nothing that computes a recorded layer's input has changed
+    (`_clean_inputs`, the weights' `_fingerprint`), it starts every pass at the highest such layer
+    from the recorded input (`start_at_layer`): the layers below are not run. They would have
+    computed the recorded inputs exactly, so the read gives the same numbers, bit for bit. A
+    replayed pass whose ids differ from the recorded pass's, or that reaches the layer without
+    going through the embedding, is an error. Nothing is recorded or replayed in train mode.
+
+    The recordings live on the model, one per key (an eval's ~30 MB per recorded layer on the
+    embedded model)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    store = base.__dict__.setdefault("_shl_bottom_reads", {})
+    rec = store.get(key)
+    usable = [L for L in _clean_inputs(model, rec.prints) if rec.prints[L] == _fingerprint(model, L)] if rec else []
+    if model.training:
+        yield
+    elif usable:
+        first = max(usable)
+        passes, due = iter(rec.passes), []
+
+        def recorded(ids):
+            want, states = next(passes, (None, None))
+            if want is None or want.shape != ids.shape or not torch.equal(want, ids.to(want.device)):
+                raise RuntimeError(f"bottom_reads {key!r}: a replayed pass reads other ids than the recorded one; "
+                                   "a read replayed this way must make the same passes every time")
+            due.append(True)
+            return states[first]
+
+        def arrived(m, args):
+            if not due:
+                raise RuntimeError(f"bottom_reads {key!r}: a pass reached layer {first} without going through the "
+                                   "embedding (inputs_embeds?): it cannot be replayed")
+            due.pop()
+        guard = decoder_layers(model)[first].register_forward_pre_hook(arrived)
+        try:
+            with start_at_layer(model, first, recorded):
+                yield
+        finally:
+            guard.remove()
+    else:
+        at = _clean_inputs(model, layers)
+        if not at:
+            yield
+            return
+        rec = _Recording({L: _fingerprint(model, L) for L in at})
+        dlayers = decoder_layers(model)
+        hooks = [model.get_input_embeddings().register_forward_pre_hook(
+            lambda m, args: rec.passes.append((args[0].detach().clone(), {})))]
+        for L in at:
+            def keep(m, args, kwargs, L=L):
+                rec.passes[-1][1][L] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+            hooks.append(dlayers[L].register_forward_pre_hook(keep, with_kwargs=True))
+        try:
+            yield
+        finally:
+            for h in hooks:
+                h.remove()
+        store[key] = rec  # only a read that finished: an exception above leaves no half recording
 
 
 @contextlib.contextmanager

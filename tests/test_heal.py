@@ -500,8 +500,9 @@ def test_the_frozen_bottom_check_fails_loudly_when_a_started_pass_differs(tiny):
 
 @pytest.mark.parametrize("reg", ["kl_rev", "nll"])
 def test_the_heal_is_the_same_with_eager_attention_and_the_bottom_read_once(tiny, monkeypatch, reg):
-    """Float32, 2 epochs: the heal as it runs (eager attention on the CPU, layer 0 read once) against
-    each mechanism turned off and both off: every step's NLL and D within 1e-5, the adapters too."""
+    """Float32, 2 epochs: the heal as it runs (eager attention on the CPU, layer 0 read once, for the
+    training steps and the held-out NLL) against each mechanism turned off and both off: every
+    step's NLL and D and every epoch's held-out NLL within 1e-5, the adapters too."""
     tok = tiny[1]
     p = load_params("tiny", heal_band=[0.5, 1.0], reg=reg, tau=0.0, lr=1e-2, epochs=2)
     real_bottom, real_attention = H.frozen_bottom, H.train_attention
@@ -516,13 +517,16 @@ def test_the_heal_is_the_same_with_eager_attention_and_the_bottom_read_once(tiny
         torch.manual_seed(p.seed + 1)  # heal draws r1's A from the same seed: its starting weights
         init = _lora_weights(HI.add_round_adapter(copy.deepcopy(model), p, 1, "r1"), "r1")
         model, log = H.heal(model, tok, _records(tok, 8), p, round_idx=1, history=["r0"], progress=False)
-        runs[key] = (_lora_weights(model, "r1"), log["steps"])
+        runs[key] = (_lora_weights(model, "r1"), log["steps"], log["epochs"])
         assert HI.unwrap(model).config._attn_implementation == HI.unwrap(tiny[0]).config._attn_implementation
     assert real_attention(tiny[0]) == "eager" and real_bottom(_upper_band_student(tiny, p)) == 1
-    ref_w, ref_steps = runs["neither"]
+    ref_w, ref_steps, ref_epochs = runs["neither"]
     for key in ("both", "no_bottom", "sdpa"):
-        w, steps = runs[key]
+        w, steps, epochs = runs[key]
         assert [s["nll"] for s in steps] == pytest.approx([s["nll"] for s in ref_steps], abs=1e-5), key
+        held = [e["heldout_nll"] for e in epochs]
+        assert all(math.isfinite(h) for h in held) and held == pytest.approx([e["heldout_nll"] for e in ref_epochs],
+                                                                             abs=1e-5), key
         assert [s["D"] for s in steps] == pytest.approx([s["D"] for s in ref_steps], abs=1e-5), key
         # AdamW divides by sqrt(v): a gradient component near 0 turns float32 rounding into a step of
         # up to lr, so the adapters are compared as a whole: apart by < 1e-3 of how far training moved them

@@ -211,3 +211,118 @@ def test_a_freed_vocab_sized_tensor_is_reused_without_faulting_its_pages_in_agai
     torch.empty(shape).fill_(2.0)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     assert faults < 1000, f"{faults} page faults re-allocating a freed 64 MB tensor"
+
+
+# --- evals that start at the first layer anything changed (shl.models.bottom_reads) -------------
+
+def _eval_numbers(res):
+    """Every number an eval leaves: its summary (seconds aside) and its per-row and probe rows."""
+    summary = {k: v for k, v in res.summary.items() if k != "seconds"}
+    return summary, res.rows, res.probe_rows
+
+
+class _LayerCalls:
+    """Counts the forward passes of one decoder layer without a hook (a hook is a change)."""
+
+    def __init__(self, monkeypatch, layer):
+        self.n, cls, real = 0, type(layer), type(layer).forward
+
+        def forward(this, *a, **kw):
+            self.n += this is layer
+            return real(this, *a, **kw)
+        monkeypatch.setattr(cls, "forward", forward)
+
+
+def _replay_model(tiny, arch="llama"):
+    """A float32 model in eval mode whose heal band starts at layer 1 (of 2) or 2 (of 4), the eval
+    kwargs of the tiny preset with that band, and the layer the band starts at."""
+    p = load_params("tiny", heal_band=[0.5, 1.0], steer_band=[0.5, 1.0])
+    if arch == "llama":
+        return copy.deepcopy(tiny[0]).eval(), p, 1
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, Qwen3Config, Qwen3ForCausalLM
+    common = dict(vocab_size=len(tiny[1]), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, pad_token_id=tiny[1].pad_token_id)
+    torch.manual_seed(0)
+    if arch == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**common))
+    else:  # sliding-window layers below and above the band (a window the eval's prompts stay inside: past
+        # it the eval's option passes cannot crop the cache back, replayed or not)
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**common, sliding_window=512, sliding_window_pattern=2,
+                                                   layer_types=["sliding_attention", "full_attention"] * 2))
+    return model.eval(), p, 2
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
+def test_an_eval_replayed_from_the_recorded_layer_gives_the_same_numbers_bit_for_bit(tiny, monkeypatch, arch):
+    """The base eval records the input of the band's first layer in every pass; with an adapter
+    there and steering on its output, the next eval starts there (the layers below never run) and
+    leaves exactly the numbers of a whole eval: summary, rows and probe rows."""
+    model, p, first = _replay_model(tiny, arch)
+    tok = tiny[1]
+    kw = mfv.eval_kwargs(p)
+    assert kw["replay_bands"] == [p.heal_band, p.steer_band] and kw["probe"]
+    below = _LayerCalls(monkeypatch, HI.decoder_layers(model)[first - 1])
+    base = mfv.evaluate(model, tok, progress=False, **kw)  # records
+    assert below.n > 0
+    model = HI.add_round_adapter(model, p, 0)
+    randomize_lora(model, "r0", seed=4, scale=0.05)
+    HI.freeze(model, ["r0"])
+    model.eval()
+    vector = steer.Vector({first: torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(1))})
+    with steer.steer(model, vector, 0.5):
+        below.n = 0
+        replayed = mfv.evaluate(model, tok, progress=False, **kw)
+        assert below.n == 0, "the replayed eval ran the layers below the recorded one"
+        whole = mfv.evaluate(model, tok, progress=False, **{**kw, "replay_bands": None})
+        assert below.n > 0
+    assert _eval_numbers(replayed) == _eval_numbers(whole)
+    # and the adapter and steering are read: not the base model's numbers
+    assert replayed.summary["care_nats"] != base.summary["care_nats"]
+
+
+def test_a_replay_stands_down_when_what_computes_the_recorded_input_changed(tiny, monkeypatch):
+    """A hook below the recorded layer, a pre-hook on it, or a weight below it changed in place:
+    each makes the eval run whole (and read the change), never replay a stale input."""
+    model, p, first = _replay_model(tiny)
+    tok = tiny[1]
+    kw = mfv.eval_kwargs(p)
+    below = _LayerCalls(monkeypatch, HI.decoder_layers(model)[0])
+    mfv.evaluate(model, tok, progress=False, **kw)  # records
+    layer0, layer1 = HI.decoder_layers(model)[0], HI.decoder_layers(model)[1]
+
+    def shift(m, args):
+        return (args[0] + 0.5, *args[1:])
+
+    for change in ("hook below", "pre-hook on it", "weight below"):
+        if change == "weight below":
+            with torch.no_grad():
+                w = layer0.mlp.down_proj.weight
+                saved = w.clone()
+                w.mul_(1.5)
+            undo = lambda: w.data.copy_(saved)  # noqa: E731
+        else:
+            handle = (layer0 if change == "hook below" else layer1).register_forward_pre_hook(shift)
+            undo = handle.remove
+        try:
+            below.n = 0
+            replayed = mfv.evaluate(model, tok, progress=False, **kw)
+            assert below.n > 0, change
+            whole = mfv.evaluate(model, tok, progress=False, **{**kw, "replay_bands": None})
+            assert _eval_numbers(replayed) == _eval_numbers(whole), change
+        finally:
+            undo()
+    below.n = 0
+    mfv.evaluate(model, tok, progress=False, **kw)  # the weight put back in place: a new recording
+    below.n = 0
+    mfv.evaluate(model, tok, progress=False, **kw)
+    assert below.n == 0
+
+
+def test_a_replayed_pass_that_reads_other_ids_fails_loudly(tiny):
+    model, p, _ = _replay_model(tiny)
+    kw = mfv.eval_kwargs(p)
+    mfv.evaluate(model, tiny[1], progress=False, **kw)
+    (rec,) = model.__dict__["_shl_bottom_reads"].values()
+    rec.passes[3][0][0, -1] += 1  # the fourth pass's recorded ids no longer those the eval reads
+    with pytest.raises(RuntimeError, match="other ids than the recorded one"):
+        mfv.evaluate(model, tiny[1], progress=False, **kw)
