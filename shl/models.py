@@ -326,6 +326,9 @@ class _Passthrough(torch.nn.Module):
         self.index = index
 
     def forward(self, hidden_states, *args, past_key_values=None, **kwargs):
+        if kwargs.get("past_key_value") is not None:  # an architecture on the older name: its cache would not grow
+            raise RuntimeError("a decoder layer got its cache as `past_key_value`: start_at_layer grows "
+                               "`past_key_values` only")
         if past_key_values is not None:
             stub = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)  # [B, 1, T, 1]
             past_key_values.update(stub, stub, self.index)
@@ -366,16 +369,28 @@ def _hooked(module) -> bool:
 def changed_from(model) -> int:
     """The lowest decoder layer whose output may differ from what the loaded weights compute: one
     holding an adapter module (peft; of any adapter, active or not) or a forward hook (steering);
-    0 when the embedding is hooked or a global module hook is set; the number of layers when
-    nothing is changed."""
+    0 when anything else the layers' inputs pass through is hooked or adapted (the embedding, the
+    models that hold the layers) or a global module hook is set; the number of layers when nothing
+    is changed."""
     from peft.tuners.tuners_utils import BaseTunerLayer
     nn_module = torch.nn.modules.module
-    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks or _hooked(model.get_input_embeddings()):
+    layers = decoder_layers(model)
+    outside = _outside(model, layers)
+    if (nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
+            or any(isinstance(m, BaseTunerLayer) for m in model.get_input_embeddings().modules())
+            or any(_hooked(m) for m in outside if m is not model.get_output_embeddings())):
         return 0
-    for i, layer in enumerate(decoder_layers(model)):
+    for i, layer in enumerate(layers):
         if any(_hooked(m) or isinstance(m, BaseTunerLayer) for m in layer.modules()):
             return i
     return num_layers(model)
+
+
+def _outside(model, layers) -> list:
+    """Every module of the model that is not inside a decoder layer (the embedding, the rotary
+    embedding, the final norm, the head and the models that hold them)."""
+    inside = {id(m) for layer in layers for m in layer.modules()}
+    return [m for m in model.modules() if id(m) not in inside]
 
 
 def _clean_inputs(model, layers) -> list[int]:
@@ -386,19 +401,27 @@ def _clean_inputs(model, layers) -> list[int]:
     return [L for L in sorted(set(layers)) if 0 < L <= changed and not dlayers[L]._forward_pre_hooks]
 
 
+@torch.no_grad()
 def _fingerprint(model, first: int) -> tuple:
-    """What the input of layer `first` is computed from: the embedding's and layers [0, first)'s
-    tensors (identity, storage, in-place version, dtype) and the attention implementation."""
-    below = [model.get_input_embeddings(), *list(decoder_layers(model))[:first]]
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return (base.config._attn_implementation,
-            tuple((id(t), t.data_ptr(), t._version, t.dtype) for m in below for t in (*m.parameters(), *m.buffers())))
+    """What the input of layer `first` is computed from: every tensor outside the decoder layers
+    and in layers [0, first) (identity, storage, in-place version, dtype, and its float64 sum, which
+    a write through `.data` does not leave in the version), the modules' types and any forward
+    replaced on an instance, the text model's attention implementation, torch's thread count."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper is no change
+    layers = decoder_layers(base)
+    modules = _outside(base, layers) + [m for layer in list(layers)[:first] for m in layer.modules()]
+    tensors = {id(t): t for m in modules for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))}
+    return (base.config.get_text_config()._attn_implementation, torch.get_num_threads(),
+            tuple((type(m), "forward" in m.__dict__) for m in modules),
+            tuple((i, t.data_ptr(), t._version, t.dtype,
+                   (t.sum(dtype=torch.float64) if t.is_floating_point() else t.sum()).item()) for i, t in tensors.items()))
 
 
 @dataclass
 class _Recording:
     prints: dict  # recorded layer -> `_fingerprint` below it when recorded
     passes: list = field(default_factory=list)  # per forward pass: (input ids, {layer: its input [B, L, H]})
+    direct: bool = True  # every pass's layer 0 took the embedding's output as it came (no scaling between)
 
 
 @contextlib.contextmanager
@@ -407,11 +430,13 @@ def bottom_reads(model, key, layers: list[int]):
     above some layer (one eval: its prompts and batches do not depend on the model's answers)
     records, the first time it runs under `key`, the input of each of `layers` in every pass. Run
     again under `key` while nothing that computes a recorded layer's input has changed
-    (`_clean_inputs`, the weights' `_fingerprint`), it starts every pass at the highest such layer
-    from the recorded input (`start_at_layer`): the layers below are not run. They would have
-    computed the recorded inputs exactly, so the read gives the same numbers, bit for bit. A
-    replayed pass whose ids differ from the recorded pass's, or that reaches the layer without
-    going through the embedding, is an error. Nothing is recorded or replayed in train mode.
+    (`_clean_inputs`, the `_fingerprint` of everything below it), it starts every pass at the
+    highest such layer from the recorded input (`start_at_layer`): the layers below are not run.
+    They would have computed the recorded inputs exactly, so the read gives the same numbers, bit
+    for bit. A replayed pass whose ids differ from the recorded pass's, or that reaches the layer
+    without going through the embedding, is an error. Nothing is recorded or replayed in train
+    mode, nor for a model that changes the embedding's output before layer 0 (e.g. Granite's
+    embedding multiplier: a started pass would apply it twice).
 
     The recordings live on the model, one per key (an eval's ~30 MB per recorded layer on the
     embedded model)."""
@@ -431,7 +456,7 @@ def bottom_reads(model, key, layers: list[int]):
                 raise RuntimeError(f"bottom_reads {key!r}: a replayed pass reads other ids than the recorded one; "
                                    "a read replayed this way must make the same passes every time")
             due.append(True)
-            return states[first]
+            return states[first].clone()  # the layer may work on its input in place; the recording stays as read
 
         def arrived(m, args):
             if not due:
@@ -451,8 +476,18 @@ def bottom_reads(model, key, layers: list[int]):
             return
         rec = _Recording({L: _fingerprint(model, L) for L in at})
         dlayers = decoder_layers(model)
-        hooks = [model.get_input_embeddings().register_forward_pre_hook(
-            lambda m, args: rec.passes.append((args[0].detach().clone(), {})))]
+        embedded = []
+
+        def entered(m, args, out):
+            rec.passes.append((args[0].detach().clone(), {}))
+            embedded.append(out)
+
+        def first_layer(m, args, kwargs):  # layer 0 must get the embedding's output itself
+            h = args[0] if args else kwargs["hidden_states"]
+            rec.direct &= bool(embedded) and torch.equal(embedded.pop(), h)
+
+        hooks = [model.get_input_embeddings().register_forward_hook(entered),
+                 dlayers[0].register_forward_pre_hook(first_layer, with_kwargs=True)]
         for L in at:
             def keep(m, args, kwargs, L=L):
                 rec.passes[-1][1][L] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
@@ -462,7 +497,8 @@ def bottom_reads(model, key, layers: list[int]):
         finally:
             for h in hooks:
                 h.remove()
-        store[key] = rec  # only a read that finished: an exception above leaves no half recording
+        if rec.direct:  # only a read that finished (an exception above leaves no half recording)
+            store[key] = rec
 
 
 @contextlib.contextmanager

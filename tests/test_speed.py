@@ -233,93 +233,133 @@ class _LayerCalls:
         monkeypatch.setattr(cls, "forward", forward)
 
 
-def _replay_model(tiny, arch="llama"):
-    """A float32 model in eval mode whose heal band starts at layer 1 (of 2) or 2 (of 4), the eval
-    kwargs of the tiny preset with that band, and the layer the band starts at."""
-    p = load_params("tiny", heal_band=[0.5, 1.0], steer_band=[0.5, 1.0])
+def _replay_model(tiny, arch="llama", dtype=torch.float32):
+    """A model in eval mode, the eval kwargs of the tiny preset with its heal and steering bands
+    moved up, and the layers they start at: both layer 1 of 2 (tiny Llama), or layer 1 and 2 of 4
+    (tiny Qwen3 and gemma-3: two recorded layers)."""
     if arch == "llama":
-        return copy.deepcopy(tiny[0]).eval(), p, 1
+        return copy.deepcopy(tiny[0]).to(dtype).eval(), load_params("tiny", heal_band=[0.5, 1.0], steer_band=[0.5, 1.0]), 1, 1
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig, Qwen3Config, Qwen3ForCausalLM
     common = dict(vocab_size=len(tiny[1]), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, pad_token_id=tiny[1].pad_token_id)
     torch.manual_seed(0)
     if arch == "qwen3":
         model = Qwen3ForCausalLM(Qwen3Config(**common))
-    else:  # sliding-window layers below and above the band (a window the eval's prompts stay inside: past
+    else:  # sliding-window layers below and above the bands (a window the eval's prompts stay inside: past
         # it the eval's option passes cannot crop the cache back, replayed or not)
         model = Gemma3ForCausalLM(Gemma3TextConfig(**common, sliding_window=512, sliding_window_pattern=2,
                                                    layer_types=["sliding_attention", "full_attention"] * 2))
-    return model.eval(), p, 2
+    return model.to(dtype).eval(), load_params("tiny", heal_band=[0.25, 1.0], steer_band=[0.5, 1.0]), 1, 2
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
-def test_an_eval_replayed_from_the_recorded_layer_gives_the_same_numbers_bit_for_bit(tiny, monkeypatch, arch):
-    """The base eval records the input of the band's first layer in every pass; with an adapter
-    there and steering on its output, the next eval starts there (the layers below never run) and
-    leaves exactly the numbers of a whole eval: summary, rows and probe rows."""
-    model, p, first = _replay_model(tiny, arch)
+@pytest.mark.parametrize("arch,dtype", [("llama", torch.float32), ("llama", torch.bfloat16), ("qwen3", torch.float32),
+                                        ("gemma3", torch.float32)])
+def test_an_eval_replayed_from_the_recorded_layer_gives_the_same_numbers_bit_for_bit(tiny, monkeypatch, arch, dtype):
+    """The base eval records the input of the bands' first layers in every pass. Steered (on the
+    steering band's first layer's output), the next eval starts at that layer; with an adapter in
+    the heal band too, at the heal band's first layer (the layers below never run). Each leaves
+    exactly the numbers of a whole eval: summary, rows and probe rows."""
+    model, p, heal_first, steer_first = _replay_model(tiny, arch, dtype)
     tok = tiny[1]
     kw = mfv.eval_kwargs(p)
     assert kw["replay_bands"] == [p.heal_band, p.steer_band] and kw["probe"]
-    below = _LayerCalls(monkeypatch, HI.decoder_layers(model)[first - 1])
+    layers = HI.decoder_layers(model)
+    calls = {L: _LayerCalls(monkeypatch, layers[L]) for L in range(steer_first)}
     base = mfv.evaluate(model, tok, progress=False, **kw)  # records
-    assert below.n > 0
+    vector = steer.Vector({steer_first: torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(1))})
+
+    def replayed_and_whole(skipped: int):
+        for c in calls.values():
+            c.n = 0
+        replayed = mfv.evaluate(model, tok, progress=False, **kw)
+        assert all(calls[L].n == 0 for L in range(skipped)), "the replayed eval ran a layer below the recorded one"
+        assert all(calls[L].n > 0 for L in range(skipped, steer_first)), "a layer the replay needs did not run"
+        whole = mfv.evaluate(model, tok, progress=False, **{**kw, "replay_bands": None})
+        assert calls[0].n > 0
+        assert _eval_numbers(replayed) == _eval_numbers(whole)
+        return replayed
+
+    with steer.steer(model, vector, 0.5):
+        steered = replayed_and_whole(steer_first)
     model = HI.add_round_adapter(model, p, 0)
     randomize_lora(model, "r0", seed=4, scale=0.05)
     HI.freeze(model, ["r0"])
     model.eval()
-    vector = steer.Vector({first: torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(1))})
     with steer.steer(model, vector, 0.5):
-        below.n = 0
-        replayed = mfv.evaluate(model, tok, progress=False, **kw)
-        assert below.n == 0, "the replayed eval ran the layers below the recorded one"
-        whole = mfv.evaluate(model, tok, progress=False, **{**kw, "replay_bands": None})
-        assert below.n > 0
-    assert _eval_numbers(replayed) == _eval_numbers(whole)
-    # and the adapter and steering are read: not the base model's numbers
-    assert replayed.summary["care_nats"] != base.summary["care_nats"]
+        both = replayed_and_whole(heal_first)
+    # the steering and the adapter are read: not the base model's numbers
+    assert steered.summary["care_nats"] != base.summary["care_nats"] != both.summary["care_nats"]
 
 
 def test_a_replay_stands_down_when_what_computes_the_recorded_input_changed(tiny, monkeypatch):
-    """A hook below the recorded layer, a pre-hook on it, or a weight below it changed in place:
-    each makes the eval run whole (and read the change), never replay a stale input."""
-    model, p, first = _replay_model(tiny)
+    """A hook below the recorded layer, a pre-hook on it, a weight below it changed in place or
+    written through `.data` (which leaves the tensor's version as it was): each makes the eval run
+    whole (and read the change), never replay a stale input; the next eval records anew and replays
+    what it recorded."""
+    model, p, first, _ = _replay_model(tiny)
     tok = tiny[1]
     kw = mfv.eval_kwargs(p)
+    whole_kw = {**kw, "replay_bands": None}
     below = _LayerCalls(monkeypatch, HI.decoder_layers(model)[0])
     mfv.evaluate(model, tok, progress=False, **kw)  # records
     layer0, layer1 = HI.decoder_layers(model)[0], HI.decoder_layers(model)[1]
+    w = layer0.mlp.down_proj.weight
+    saved = w.detach().clone()
 
     def shift(m, args):
         return (args[0] + 0.5, *args[1:])
 
-    for change in ("hook below", "pre-hook on it", "weight below"):
-        if change == "weight below":
+    for change in ("hook below", "pre-hook on it", "weight in place", "weight through .data"):
+        undo = None
+        if change == "weight in place":
             with torch.no_grad():
-                w = layer0.mlp.down_proj.weight
-                saved = w.clone()
                 w.mul_(1.5)
-            undo = lambda: w.data.copy_(saved)  # noqa: E731
+        elif change == "weight through .data":
+            version = w._version
+            w.data.mul_(0.5)
+            assert w._version == version  # what the fingerprint's sum is there for
         else:
-            handle = (layer0 if change == "hook below" else layer1).register_forward_pre_hook(shift)
-            undo = handle.remove
+            undo = (layer0 if change == "hook below" else layer1).register_forward_pre_hook(shift).remove
         try:
             below.n = 0
-            replayed = mfv.evaluate(model, tok, progress=False, **kw)
+            changed = mfv.evaluate(model, tok, progress=False, **kw)
             assert below.n > 0, change
-            whole = mfv.evaluate(model, tok, progress=False, **{**kw, "replay_bands": None})
-            assert _eval_numbers(replayed) == _eval_numbers(whole), change
+            assert _eval_numbers(changed) == _eval_numbers(mfv.evaluate(model, tok, progress=False, **whole_kw)), change
+            below.n = 0
+            again = mfv.evaluate(model, tok, progress=False, **kw)  # hooks: run whole again; weights: replayed
+            assert (below.n > 0) == (undo is not None), change
+            assert _eval_numbers(again) == _eval_numbers(changed), change
         finally:
-            undo()
+            if undo:
+                undo()
+    w.data.copy_(saved)
     below.n = 0
-    mfv.evaluate(model, tok, progress=False, **kw)  # the weight put back in place: a new recording
+    back = mfv.evaluate(model, tok, progress=False, **kw)  # the weight put back through .data: a new recording
+    assert below.n > 0
     below.n = 0
-    mfv.evaluate(model, tok, progress=False, **kw)
-    assert below.n == 0
+    assert _eval_numbers(mfv.evaluate(model, tok, progress=False, **kw)) == _eval_numbers(back) and below.n == 0
+    assert _eval_numbers(back) == _eval_numbers(mfv.evaluate(model, tok, progress=False, **whole_kw))
+
+
+def test_nothing_is_recorded_for_a_model_that_changes_the_embedding_before_the_first_layer(tiny, monkeypatch):
+    """Granite multiplies the embedding's output before layer 0: a pass started at a recorded layer
+    from a replayed embedding output would apply the multiplier twice. Such a model records
+    nothing, and its evals run whole."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+    torch.manual_seed(0)
+    model = GraniteForCausalLM(GraniteConfig(vocab_size=len(tiny[1]), hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             pad_token_id=tiny[1].pad_token_id, embedding_multiplier=3.0)).eval()
+    kw = mfv.eval_kwargs(load_params("tiny", heal_band=[0.5, 1.0], steer_band=[0.5, 1.0]))
+    below = _LayerCalls(monkeypatch, HI.decoder_layers(model)[0])
+    first = mfv.evaluate(model, tiny[1], progress=False, **kw)
+    assert not model.__dict__.get("_shl_bottom_reads")
+    below.n = 0
+    assert _eval_numbers(mfv.evaluate(model, tiny[1], progress=False, **kw)) == _eval_numbers(first) and below.n > 0
 
 
 def test_a_replayed_pass_that_reads_other_ids_fails_loudly(tiny):
-    model, p, _ = _replay_model(tiny)
+    model, p, _, _ = _replay_model(tiny)
     kw = mfv.eval_kwargs(p)
     mfv.evaluate(model, tiny[1], progress=False, **kw)
     (rec,) = model.__dict__["_shl_bottom_reads"].values()
