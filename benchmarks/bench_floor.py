@@ -1,6 +1,6 @@
 """The default loop's floor on this machine: the least time its work can take here.
 
-    .venv/bin/python benchmarks/bench_floor.py [--run-dir journal/<a default 04_loop run>]
+    .venv/bin/python benchmarks/bench_floor.py [--run-dir journal/<a default 04_loop run>] [--wall SECONDS]
                                                [--out benchmarks/results/bench_floor.md]
 
 1. Counts the floating-point work of every stage of round 0 (null arm and the once-per-run evals
@@ -209,8 +209,8 @@ def run_units(run_dir: Path, p) -> tuple[Counter, dict, int]:
 def newest_default_loop(journal: Path) -> Path:
     import yaml
 
-    from shl.params import Params
-    default = Params().to_dict()
+    from shl.params import load_params
+    default = load_params("default").to_dict()
     for d in sorted(journal.glob("*_04_loop_*"), reverse=True):
         if (d / "metrics.jsonl").exists() and (d / "params.yaml").exists():
             params = yaml.safe_load((d / "params.yaml").read_text())
@@ -240,6 +240,7 @@ def main():
     count_s = time.time() - t0
     dtype = model.dtype
     H, V, F = model.config.hidden_size, model.config.vocab_size, model.config.intermediate_size
+    # a heal micro-batch's rows (4 completions of ~141 tokens) and its completion positions at the head
     wide = best_rate([(564, H, F), (564, F, H), (564, H, H), (324, H, V)], dtype)
     decode = best_rate([(p.gen_batch_size, H, F), (p.gen_batch_size, F, H), (p.gen_batch_size, H, H),
                         (p.gen_batch_size, H, V)], dtype)
