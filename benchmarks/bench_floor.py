@@ -252,15 +252,13 @@ def main():
         rate = decode if s in ("generate", "demos") else wide
         floor[s] = per_unit.get(s, 0.0) * units[s] / rate
     floor["generate"] += units["decode_steps"] * sample
-    measured = {"heal": seconds["heal"], "eval": seconds["eval"], "generate + filter": seconds["generate + filter"],
-                "extract": seconds["extract"], "student": seconds["student"], "demos": seconds["demos"]}
-    rows = [("heal", units["heal"], "steps", flops["heal"] / units0["heal"], floor["heal"], measured["heal"]),
-            ("eval", units["eval"], "evals", per_unit["eval"], floor["eval"], measured["eval"]),
+    rows = [("heal", units["heal"], "steps", flops["heal"] / units0["heal"], floor["heal"], seconds["heal"]),
+            ("eval", units["eval"], "evals", per_unit["eval"], floor["eval"], seconds["eval"]),
             ("generate + filter", units["generate"], "rows", (flops["generate"] + flops["filter"]) / units0["generate"],
-             floor["generate"] + floor["filter"], measured["generate + filter"]),
-            ("extract", units["extract"], "calls", per_unit["extract"], floor["extract"], measured["extract"]),
-            ("student", units["student"], "stacks", per_unit["student"], floor["student"], measured["student"]),
-            ("demos", units["demos"], "calls", per_unit["demos"], floor["demos"], measured["demos"])]
+             floor["generate"] + floor["filter"], seconds["generate + filter"]),
+            ("extract", units["extract"], "calls", per_unit["extract"], floor["extract"], seconds["extract"]),
+            ("student", units["student"], "stacks", per_unit["student"], floor["student"], seconds["student"]),
+            ("demos", units["demos"], "calls", per_unit["demos"], floor["demos"], seconds["demos"])]
     total_floor, total_meas = sum(r[4] for r in rows), sum(r[5] for r in rows)
     table = ["| stage | units in the run | GFLOP per unit | floor (s) | measured (s) | measured / floor |",
              "|---|---|---|---|---|---|"]

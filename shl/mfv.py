@@ -573,11 +573,11 @@ def evaluate(model, tok, n: int = 0, system: str | None = None, think_tokens: in
     probe_summary, probe_rows = {}, []
     total = 2 * len(vignettes) * (len(OPTIONS) if protocol == "yesno" else 1)
     total += 2 * len(CONTENT_FREE) if protocol == "calibrated" else 0
-    replay = bool(replay_bands) and own_scorer and not think_tokens and not json_valid
-    key = ("evaluate", n, system, batch_size, readout, protocol, json.dumps(probe, sort_keys=True))
-    layers = [band_layers(num_layers(model), band)[0] for band in replay_bands] if replay else []
-    with (bottom_reads(model, key, layers) if replay else contextlib.nullcontext(),
-          tqdm(total=total, desc="mfv eval", disable=not progress) as bar):
+    reading = contextlib.nullcontext()
+    if replay_bands and own_scorer and not think_tokens and not json_valid:  # the passes depend on the questions only
+        key = ("evaluate", n, system, batch_size, readout, protocol, json.dumps(probe, sort_keys=True))
+        reading = bottom_reads(model, key, [band_layers(num_layers(model), band)[0] for band in replay_bands])
+    with reading, tqdm(total=total, desc="mfv eval", disable=not progress) as bar:
         for order, presented in ORDERS.items():
             if protocol == "yesno":
                 logp[order], nll[order], extra[order] = yesno_logp(scorer, tok, texts, system, YESNO_ORDERS[order])

@@ -407,7 +407,7 @@ def _fingerprint(model, first: int) -> tuple:
     and in layers [0, first) (identity, storage, in-place version, dtype, and its float64 sum, which
     a write through `.data` does not leave in the version), the modules' types and any forward
     replaced on an instance, the text model's attention implementation, torch's thread count."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper is no change
+    base = _root(model)  # a peft wrapper is no change
     layers = decoder_layers(base)
     modules = _outside(base, layers) + [m for layer in list(layers)[:first] for m in layer.modules()]
     tensors = {id(t): t for m in modules for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))}
@@ -440,13 +440,13 @@ def bottom_reads(model, key, layers: list[int]):
 
     The recordings live on the model, one per key (an eval's ~30 MB per recorded layer on the
     embedded model)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    store = base.__dict__.setdefault("_shl_bottom_reads", {})
-    rec = store.get(key)
-    usable = [L for L in _clean_inputs(model, rec.prints) if rec.prints[L] == _fingerprint(model, L)] if rec else []
     if model.training:
         yield
-    elif usable:
+        return
+    store = _root(model).__dict__.setdefault("_shl_bottom_reads", {})
+    rec = store.get(key)
+    usable = [L for L in _clean_inputs(model, rec.prints) if rec.prints[L] == _fingerprint(model, L)] if rec else []
+    if usable:
         first = max(usable)
         passes, due = iter(rec.passes), []
 
@@ -501,11 +501,17 @@ def bottom_reads(model, key, layers: list[int]):
             store[key] = rec
 
 
+def _root(model):
+    """The transformers model under a peft wrapper (or the model itself); `shl.history.unwrap`
+    imports this module, so the one line lives here too."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 @contextlib.contextmanager
 def attention_implementation(model, impl: str | None):
     """Run the model's attention as `impl` ('eager', 'sdpa', ...) inside the block, then put the
     loaded one back (None: leave it)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _root(model)
     before = base.config._attn_implementation
     if impl is None or impl == before:
         yield
